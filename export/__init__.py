@@ -1,0 +1,1 @@
+"""trapedge export: SpeciesNet and encoders from torch to ONNX artifact bundles (workstation side)."""

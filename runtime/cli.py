@@ -1,0 +1,175 @@
+"""The `trapedge` command line; export commands load lazily so the runtime starts without torch."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .backends import DEVICES, BackendError
+from .bundle import Bundle, BundleError
+from .formats import write_images_csv, write_predictions_json
+from .ingest import scan
+from .pipeline import RunOptions, Runner
+
+app = typer.Typer(help="Camera-trap photos to species on the edge: SpeciesNet on ONNX Runtime.",
+                  no_args_is_help=True, add_completion=False)
+export_app = typer.Typer(help="Convert models to a trapedge artifact bundle (needs the export extra).",
+                         no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"Error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"trapedge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """trapedge: field-station runtime for SpeciesNet and hierarchical re-classification."""
+
+
+def _check_location(country: Optional[str], admin1: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    if country is not None and (len(country) != 3 or not country.isalpha()):
+        _fail(f"--country must be an ISO 3166-1 alpha-3 code such as USA or KEN, got {country!r}")
+    if admin1 is not None:
+        if country is None:
+            _fail("--admin1 needs --country")
+        if len(admin1) != 2:
+            _fail(f"--admin1 must be a 2-character ISO 3166-2 region code such as CA, got {admin1!r}")
+    return (country.upper() if country else None, admin1.upper() if admin1 else None)
+
+
+@app.command()
+def run(
+    dump: Path = typer.Argument(..., exists=True, file_okay=False, help="SD-card dump (folder, scanned recursively)."),
+    bundle: Path = typer.Option(..., "--bundle", "-b", help="Artifact bundle folder from `trapedge export`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for predictions.json and friends."),
+    country: Optional[str] = typer.Option(None, help="ISO 3166-1 alpha-3 country for the geofence."),
+    admin1: Optional[str] = typer.Option(None, help="ISO 3166-2 admin1 region (e.g. CA) for the geofence."),
+    geofence: bool = typer.Option(True, help="Apply SpeciesNet's geofence."),
+    device: str = typer.Option("auto", help=f"One of {', '.join(DEVICES)}."),
+    threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime intra-op threads."),
+    detector_batch: int = typer.Option(1, min=1, help="Images per detector call (same padded shape)."),
+    classifier_batch: int = typer.Option(8, min=1, help="Crops per classifier call."),
+    workers: int = typer.Option(2, min=1, help="Decode worker threads."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+) -> None:
+    """Detect and classify every photo on a card, writing SpeciesNet's predictions.json."""
+    country, admin1 = _check_location(country, admin1)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        loaded = Bundle.load(bundle)
+        options = RunOptions(country=country, admin1_region=admin1, enable_geofence=geofence,
+                             device=device, threads=threads, detector_batch=detector_batch,
+                             classifier_batch=classifier_batch, decode_workers=workers)
+        runner = Runner(loaded, options)
+        providers = runner.open()
+    except (BundleError, BackendError, ValueError) as e:
+        _fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        for name, used in providers.items():
+            console.print(f"{name}: {', '.join(used)}", highlight=False)
+    records = list(scan(dump))
+    started = time.perf_counter()
+    results = []
+    progress = Progress(TextColumn("[bold]images"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                        console=console, disable=quiet)
+    with progress:
+        task = progress.add_task("run", total=len(records), rate="")
+        for result in runner.process(records, dump):
+            results.append(result)
+            elapsed = time.perf_counter() - started
+            progress.update(task, advance=1, rate=f"{len(results) / elapsed:.2f} img/s")
+    with runner.timer.stage("write"):
+        write_predictions_json(out / "predictions.json", [r.prediction for r in results])
+        write_images_csv(out / "images.csv", (
+            {"key": r.record.key, "filepath": r.prediction["filepath"], "width": r.width,
+             "height": r.height, "captured": r.captured, "status": r.status,
+             "reason": r.error or "; ".join(r.warnings)} for r in results))
+    if not quiet:
+        _summary(results, runner, time.perf_counter() - started, out)
+
+
+def _summary(results: list, runner: Runner, seconds: float, out: Path) -> None:
+    detections = [d for r in results for d in r.prediction.get("detections", [])]
+    labels = Counter(d["processed_classification"]["class"].split(";")[-1]
+                     for d in detections if "processed_classification" in d)
+    failed = [r for r in results if r.error]
+    console.print(f"{len(results)} images in {seconds:.1f} s ({len(results) / max(seconds, 1e-9):.2f} img/s), "
+                  f"{len(detections)} detections, {len(failed)} failed; wrote {out / 'predictions.json'}",
+                  highlight=False)
+    for r in failed:
+        console.print(f"  failed: {r.record.key}: {r.error}", highlight=False)
+    if labels:
+        table = Table("label", "detections", title="Labels")
+        for label, count in labels.most_common(15):
+            table.add_row(label, str(count))
+        console.print(table)
+    timing = Table("stage", "count", "mean ms", "p95 ms", "total ms", title="Per-stage time")
+    for stage, s in runner.timer.summary().items():
+        timing.add_row(stage, str(s["count"]), f"{s['mean_ms']:.1f}", f"{s['p95_ms']:.1f}", f"{s['total_ms']:.0f}")
+    console.print(timing)
+
+
+@app.command("check-bundle")
+def check_bundle(bundle: Path = typer.Argument(..., help="Artifact bundle folder.")) -> None:
+    """Validate a bundle (manifest, hashes, label count) and print what it holds."""
+    try:
+        loaded = Bundle.load(bundle)
+    except BundleError as e:
+        _fail(str(e))
+    console.print(f"{bundle}: OK, {len(loaded.labels)} labels, models: "
+                  f"{', '.join(loaded.manifest['models'])}, SpeciesNet {loaded.model_version}", highlight=False)
+
+
+@export_app.command("speciesnet")
+def export_speciesnet(
+    source: str = typer.Argument("kaggle:google/speciesnet/pyTorch/v4.0.3a/1",
+                                 help="Kaggle id (kaggle:...), Hugging Face id (hf:...) or a local model folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
+    opset: int = typer.Option(17, help="ONNX opset (17 keeps TensorRT 8.6/10.3 and older onnxruntime happy)."),
+    parity_images: Optional[Path] = typer.Option(None, help="Folder of photos to measure parity on (default: generated)."),
+) -> None:
+    """Export a SpeciesNet model (classifier and MegaDetector) to an ONNX bundle, with parity measured."""
+    try:
+        from trapedge.export.speciesnet import export_speciesnet as _export
+    except ImportError as e:
+        _fail(f"export needs the export extra (pip install 'trapedge[export]'): {e}")
+    try:
+        manifest = _export(source, out, opset=opset, parity_images=parity_images, log=console.print)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        _fail(str(e))
+    for name, model in manifest["models"].items():
+        console.print(f"{name}: {model['file']} parity {model.get('parity')}", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Scans an SD-card dump and decodes its photos as SpeciesNet does; failures are recorded, never raised."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import PIL.Image
+import PIL.ImageFile
+import PIL.ImageOps
+
+__all__ = ["DecodedImage", "ImageRecord", "IMAGE_EXTENSIONS", "decode", "scan"]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
+_EXIF_IFD = 0x8769
+_DATETIME_ORIGINAL = 0x9003
+_DATETIME = 0x0132
+_JPEG_END = b"\xff\xd9"
+
+# SpeciesNet decodes truncated files (the readable part, grey below); trapedge does the same and
+# records a warning, so a card written during a power cut keeps its usable photos.
+PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One file found on the card: its key (path relative to the dump) and what the scan saw."""
+
+    key: str
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class DecodedImage:
+    """An RGB, EXIF-oriented image as SpeciesNet sees it, or the reason it could not be read."""
+
+    record: ImageRecord
+    pixels: Optional[np.ndarray] = None
+    captured: Optional[str] = None
+    error: Optional[str] = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when pixels were decoded."""
+        return self.pixels is not None
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def scan(root: Path) -> Iterator[ImageRecord]:
+    """Yields the dump's photos in sorted key order, skipping hidden and AppleDouble (`._`) files."""
+    root = Path(root)
+    found: list[ImageRecord] = []
+    for folder, dirs, files in os.walk(root, onerror=None, followlinks=False):
+        dirs[:] = [d for d in dirs if not _hidden(d)]
+        for name in files:
+            if _hidden(name) or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = Path(folder) / name
+            try:
+                stat = path.stat()
+            except OSError:
+                stat = None
+            key = path.relative_to(root).as_posix()
+            found.append(
+                ImageRecord(key, path, stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1)
+            )
+    found.sort(key=lambda r: r.key)
+    yield from found
+
+
+def _capture_time(img: PIL.Image.Image) -> Optional[str]:
+    """Reads EXIF DateTimeOriginal (else DateTime) as ISO 8601 local time without zone."""
+    exif = img.getexif()
+    raw = exif.get_ifd(_EXIF_IFD).get(_DATETIME_ORIGINAL) or exif.get(_DATETIME)
+    if not isinstance(raw, str):
+        return None
+    try:
+        return datetime.strptime(raw.strip("\x00 "), "%Y:%m:%d %H:%M:%S").isoformat()
+    except ValueError:
+        return None
+
+
+def _truncated_jpeg(path: Path) -> bool:
+    with open(path, "rb") as fp:
+        fp.seek(0, os.SEEK_END)
+        fp.seek(max(0, fp.tell() - 64))
+        return _JPEG_END not in fp.read()
+
+
+def decode(record: ImageRecord) -> DecodedImage:
+    """Decodes one photo (load, RGB, EXIF transpose, as SpeciesNet); any failure becomes `error`."""
+    result = DecodedImage(record)
+    if record.size == 0:
+        result.error = "empty file (0 bytes)"
+        return result
+    try:
+        with PIL.Image.open(record.path) as img:
+            img.load()
+            fmt = img.format
+            result.captured = _capture_time(img)
+            rgb = PIL.ImageOps.exif_transpose(img.convert("RGB"))
+        result.pixels = np.asarray(rgb)
+        if fmt == "JPEG" and _truncated_jpeg(record.path):
+            result.warnings.append("truncated JPEG: decoded the readable part, as SpeciesNet does")
+    except PIL.Image.DecompressionBombError as e:
+        result.error = f"image too large to decode safely: {e}"
+    except PIL.UnidentifiedImageError:
+        result.error = "not a readable image (unknown or corrupt format)"
+    except (OSError, ValueError, SyntaxError, MemoryError) as e:
+        result.error = f"cannot decode: {type(e).__name__}: {e}"
+    return result

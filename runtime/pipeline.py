@@ -1,0 +1,242 @@
+"""Pass 1 over a dump: decode, detect, crop, classify, decide; batched, with decoding overlapped and timed."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+
+from . import classifier as cls_ops
+from . import detector as det_ops
+from .backends import OnnxBackend
+from .bench import StageTimer
+from .bundle import Bundle, BundleError
+from .ensemble import (
+    DEFAULT_DETECTION_THRESHOLD_FOR_CLASSIFICATION,
+    DEFAULT_MAX_CLASSIFICATIONS_PER_DETECTION,
+    NUM_CLASSIFICATIONS_FOR_ENSEMBLE,
+    Ensemble,
+    Failure,
+)
+from .ingest import DecodedImage, ImageRecord, decode
+
+__all__ = ["ImageResult", "RunOptions", "Runner"]
+
+logger = logging.getLogger("trapedge")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How pass 1 runs; defaults are SpeciesNet's."""
+
+    country: Optional[str] = None
+    admin1_region: Optional[str] = None
+    enable_geofence: bool = True
+    device: str = "auto"
+    threads: Optional[int] = None
+    detection_threshold_for_classification: float = DEFAULT_DETECTION_THRESHOLD_FOR_CLASSIFICATION
+    max_classifications_per_detection: int = DEFAULT_MAX_CLASSIFICATIONS_PER_DETECTION
+    detector_batch: int = 1
+    classifier_batch: int = 8
+    decode_workers: int = 2
+    chunk: int = 8
+
+
+@dataclass
+class ImageResult:
+    """Everything pass 1 learned about one image."""
+
+    record: ImageRecord
+    prediction: dict
+    width: Optional[int] = None
+    height: Optional[int] = None
+    captured: Optional[str] = None
+    error: Optional[str] = None
+    warnings: list[str] = field(default_factory=list)
+    features: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        """'ok', 'warning' or 'failed'."""
+        return "failed" if self.error else ("warning" if self.warnings else "ok")
+
+
+@dataclass
+class _Work:
+    image: DecodedImage
+    boxed: Optional[det_ops.Letterboxed] = None
+    detections: list[dict] = field(default_factory=list)
+
+
+class Runner:
+    """Runs SpeciesNet's pass 1 from a bundle on ONNX Runtime."""
+
+    def __init__(self, bundle: Bundle, options: RunOptions = RunOptions()) -> None:
+        self.bundle = bundle
+        self.options = options
+        self.timer = StageTimer()
+        cache = bundle.root / ".engines"
+        self.detector = OnnxBackend(bundle.model("detector").path, options.device, options.threads, cache)
+        self.classifier = OnnxBackend(
+            bundle.model("classifier").path, options.device, options.threads, cache
+        )
+        self.ensemble = Ensemble.from_files(
+            bundle.file("taxonomy"), bundle.file("geofence"), options.enable_geofence
+        )
+        self.detector_config = det_ops.DetectorConfig(
+            **{
+                k: v
+                for k, v in bundle.model("detector").preprocessing.items()
+                if k in det_ops.DetectorConfig.__dataclass_fields__
+            }
+        )
+
+    def open(self) -> dict[str, list[str]]:
+        """Opens both sessions, checks the classifier against the labels, returns providers in use."""
+        with self.timer.stage("load_models"):
+            declared = self.classifier.output_shape("logits")[-1]
+            if isinstance(declared, int) and declared != len(self.bundle.labels):
+                raise BundleError(
+                    f"{self.classifier.path}: classifier has {declared} outputs but the bundle has "
+                    f"{len(self.bundle.labels)} labels"
+                )
+            return {"detector": self.detector.providers, "classifier": self.classifier.providers}
+
+    def process(self, records: Iterable[ImageRecord], root: Path) -> Iterator[ImageResult]:
+        """Yields one result per record, in order; decoding runs ahead in worker threads."""
+        root = Path(root).resolve()
+        records = list(records)
+        with ThreadPoolExecutor(max(1, self.options.decode_workers)) as pool:
+            futures = [pool.submit(self._decode, r) for r in records[: self.options.chunk * 2]]
+            next_index = len(futures)
+            for start in range(0, len(records), self.options.chunk):
+                chunk = []
+                for future in futures[start : start + self.options.chunk]:
+                    with self.timer.stage("wait_decode"):
+                        chunk.append(future.result())
+                    if next_index < len(records):
+                        futures.append(pool.submit(self._decode, records[next_index]))
+                        next_index += 1
+                    futures[len(chunk) + start - 1] = None
+                yield from self._process_chunk(chunk, root)
+
+    def _decode(self, record: ImageRecord) -> _Work:
+        with self.timer.stage("decode"):
+            image = decode(record)
+        work = _Work(image)
+        if image.ok:
+            with self.timer.stage("letterbox"):
+                work.boxed = det_ops.letterbox(image.pixels, self.detector_config)
+        return work
+
+    def _process_chunk(self, chunk: list[_Work], root: Path) -> list[ImageResult]:
+        self._detect(chunk)
+        results = [self._result(work, root) for work in chunk]
+        self._classify(chunk, results)
+        with self.timer.stage("ensemble"):
+            for work, result in zip(chunk, results):
+                self._decide(result)
+        for work in chunk:
+            work.image.pixels = None
+            work.boxed = None
+        return results
+
+    def _detect(self, chunk: list[_Work]) -> None:
+        by_shape: dict[tuple, list[_Work]] = defaultdict(list)
+        for work in chunk:
+            if work.boxed is not None:
+                by_shape[work.boxed.shape].append(work)
+        batch = max(1, self.options.detector_batch)
+        for shape, group in by_shape.items():
+            for i in range(0, len(group), batch):
+                part = group[i : i + batch]
+                with self.timer.stage("detect"):
+                    (raw,) = self.detector.run(
+                        {"images": det_ops.to_network_input([w.boxed for w in part])}, ["predictions"]
+                    )
+                with self.timer.stage("nms"):
+                    for work, rows in zip(part, raw):
+                        work.detections = det_ops.postprocess(rows, shape, work.boxed, self.detector_config)
+
+    def _result(self, work: _Work, root: Path) -> ImageResult:
+        image = work.image
+        record = image.record
+        prediction: dict = {"filepath": str(root / record.key)}
+        result = ImageResult(record, prediction, captured=image.captured, warnings=list(image.warnings))
+        if not image.ok:
+            result.error = image.error
+            prediction["failures"] = [Failure.DETECTOR.name]
+            prediction["failure_reason"] = image.error
+        else:
+            result.height, result.width = image.pixels.shape[:2]
+            if self.options.country:
+                prediction["country"] = self.options.country
+            if self.options.admin1_region:
+                prediction["admin1_region"] = self.options.admin1_region
+            prediction["detections"] = [dict(d) for d in work.detections]
+        prediction["model_version"] = self.bundle.model_version
+        return result
+
+    def _classify(self, chunk: list[_Work], results: list[ImageResult]) -> None:
+        crops: list[np.ndarray] = []
+        owners: list[tuple[ImageResult, int]] = []
+        threshold = self.options.detection_threshold_for_classification
+        with self.timer.stage("crop"):
+            for work, result in zip(chunk, results):
+                if not work.image.ok:
+                    continue
+                for idx, det in enumerate(result.prediction["detections"]):
+                    if det["conf"] < threshold:
+                        continue
+                    crop = cls_ops.preprocess_crop(work.image.pixels, det["bbox"])
+                    if crop is None:
+                        result.warnings.append(
+                            f"detection {idx} is thinner than a pixel after cropping; not classified"
+                        )
+                        continue
+                    crops.append(crop)
+                    owners.append((result, idx))
+        batch = max(1, self.options.classifier_batch)
+        for i in range(0, len(crops), batch):
+            with self.timer.stage("classify"):
+                logits, features = self.classifier.run(
+                    {"crops": cls_ops.to_network_input(crops[i : i + batch])}, ["logits", "features"]
+                )
+            with self.timer.stage("topk"):
+                idx, scores = cls_ops.top_k(cls_ops.softmax(logits), self._top_k(logits.shape[-1]))
+                for j, (result, det_idx) in enumerate(owners[i : i + batch]):
+                    det = result.prediction["detections"][det_idx]
+                    det["raw_classifications"] = {
+                        "classes": [self.bundle.labels[k] for k in idx[j]],
+                        "scores": scores[j].tolist(),
+                    }
+                    result.features[det_idx] = features[j]
+
+    def _top_k(self, num_labels: int) -> int:
+        keep = self.options.max_classifications_per_detection
+        if keep is None or keep < 0:
+            return num_labels
+        return max(keep, NUM_CLASSIFICATIONS_FOR_ENSEMBLE)
+
+    def _decide(self, result: ImageResult) -> None:
+        detections = result.prediction.get("detections") or []
+        classified = [d for d in detections if "raw_classifications" in d]
+        if classified:
+            decisions = self.ensemble.decide(
+                [d["raw_classifications"] for d in classified],
+                classified,
+                self.options.country,
+                self.options.admin1_region,
+            )
+            for det, decision in zip(classified, decisions):
+                det["processed_classification"] = decision
+        keep = self.options.max_classifications_per_detection
+        for det in classified:
+            raw = det["raw_classifications"]
+            if keep >= 0:
+                det["raw_classifications"] = {k: v[:keep] for k, v in raw.items()}
