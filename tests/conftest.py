@@ -7,11 +7,9 @@ from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).parent
-sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(Path(__file__).parent))
 
-REPO = TESTS.parent
-MEDIA = REPO.parent / "shared" / "data" / "camtrap-dp-1.0.2" / "example" / "media"
+from paths import MEDIA  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +19,6 @@ def photos() -> list[Path]:
     if not found:
         pytest.skip(f"camera-trap photos not found at {MEDIA}")
     return found
+
+
+from fixtures_models import bundle, bundle_copy, model_folder  # noqa: E402,F401  (shared fixtures)

@@ -92,14 +92,14 @@ _SIZES = {
 
 # Objectness targets per detection level (P3..P6): (mean candidates above 0.01 per
 # image and anchor, mean anchors above the high point per image and anchor).
-_OBJ_TARGETS = ((2.0, 0.08), (2.0, 0.12), (1.5, 0.12), (0.5, 0.05))
-_OBJ_LOW, _OBJ_HIGH = 0.01, 0.75
+_OBJ_TARGETS = ((1.2, 0.08), (1.2, 0.12), (0.8, 0.12), (0.3, 0.05))
+_OBJ_LOW, _OBJ_HIGH = 0.01, 0.9
 # Class-row (offset, scale) for animal, human, vehicle in standardised units.
-_CLS_ROWS = ((3.0, 1.0), (0.0, 2.0), (-0.5, 2.0))
-_BOX_SCALE = 0.3
-_LOGIT_SCALE = 4.5
-_SPECIAL_BIAS = {BLANK: 1.0, HUMAN: 0.5, VEHICLE: 0.5, ANIMAL: -2.0}
-_RANK_WEIGHTS = (0.35, 0.45, 0.55, 0.7, 0.6)
+_CLS_ROWS = ((3.0, 1.0), (0.0, 2.5), (-0.5, 2.5))
+_BOX_SCALE = 0.6
+_LOGIT_SCALE = 8.0
+_SPECIAL_BIAS = {BLANK: 0.5, HUMAN: 0.5, VEHICLE: 0.5, ANIMAL: -2.0}
+_RANK_WEIGHTS = (0.2, 0.3, 0.4, 0.5, 0.8)
 
 
 @dataclass(frozen=True)
@@ -137,12 +137,14 @@ class _Namer:
 
     def __call__(self, suffix: str = "", syllables: int = 3) -> str:
         """Return a new unique lowercase name ending in ``suffix``."""
+        attempt = 0
         while True:
-            n = self._rng.randint(syllables - 1, syllables)
+            n = self._rng.randint(syllables - 1, syllables) + attempt // 16
             name = "".join(self._rng.choice(_SYLLABLES) for _ in range(n)) + suffix
             if name not in self._used:
                 self._used.add(name)
                 return name
+            attempt += 1
 
 
 def _uuid(rng: random.Random) -> str:
@@ -169,7 +171,7 @@ def _fabricate_tree(n_species: int, rng: random.Random) -> tuple[list[_Taxon], l
         while remaining > 0:
             order = "primates" if first_order else namer("iformes" if cls == "aves" else "a")
             higher.append(_Taxon((cls, order, "", "", ""), f"{order} order"))
-            for f_idx in range(rng.randint(1, 3)):
+            for f_idx in range(rng.randint(1, 2)):
                 if remaining == 0:
                     break
                 if first_order and f_idx == 0:
@@ -177,14 +179,14 @@ def _fabricate_tree(n_species: int, rng: random.Random) -> tuple[list[_Taxon], l
                     higher.append(_Taxon((cls, order, "hominidae", "homo", ""), "homo species"))
                 family = namer("idae")
                 higher.append(_Taxon((cls, order, family, "", ""), f"{family} family"))
-                for _ in range(rng.randint(1, 3)):
+                for _ in range(rng.randint(1, 2)):
                     if remaining == 0:
                         break
                     genus = namer("us")
                     higher.append(_Taxon((cls, order, family, genus, ""), f"{genus} species"))
-                    for _ in range(min(remaining, rng.randint(1, 4))):
-                        epithet = namer("i", syllables=2)
-                        common = f"{namer(syllables=2)} {cls_common}"
+                    for _ in range(min(remaining, rng.randint(1, 3))):
+                        epithet = namer("i")
+                        common = f"{namer()} {cls_common}"
                         species.append(_Taxon((cls, order, family, genus, epithet), common))
                         remaining -= 1
             first_order = False
@@ -318,11 +320,21 @@ def _image_cells(lb: _Letterboxed, stride: int, ny: int, nx: int) -> torch.Tenso
     return in_y[:, None] & in_x[None, :]
 
 
-def _affine_row(conv: nn.Conv2d, row: int, mean: float, scale: float, offset: float) -> None:
-    """Rewrite one output row so that its value v becomes scale * (v - mean) + offset."""
+def _set_row(
+    conv: nn.Conv2d,
+    row: int,
+    coeffs: torch.Tensor,
+    weight0: torch.Tensor,
+    bias0: torch.Tensor,
+    center: float,
+    scale: float,
+    offset: float,
+) -> None:
+    """Make output ``row`` equal scale * (coeffs . original_rows - center) + offset."""
     with torch.no_grad():
-        conv.weight[row] *= scale
-        conv.bias[row] = scale * (conv.bias[row] - mean) + offset
+        w = torch.einsum("r,r...->...", coeffs.double(), weight0.double())
+        conv.weight[row] = (scale * w).float()
+        conv.bias[row] = float(scale * (float(coeffs.double() @ bias0.double()) - center) + offset)
 
 
 def _logit(p: float) -> float:
@@ -330,36 +342,59 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def _tune_detect_head(model: nn.Module, inputs: list[_Letterboxed]) -> None:
-    """Rescale the Detect head rows to give a handful of spread-out boxes per image."""
+def _objectness_mapping(
+    values_in: torch.Tensor, values_out: torch.Tensor, n_images: int, targets: tuple[float, float]
+) -> tuple[float, float, int]:
+    """Return (scale, offset, padding cells above 0.01) mapping image-cell quantiles to logits."""
+    n_lo, n_hi = targets
+    ranked = torch.sort(values_in, descending=True).values
+    q_lo = float(ranked[min(len(ranked) - 1, int(round(n_lo * n_images)))])
+    q_hi = float(ranked[max(0, int(round(n_hi * n_images)) - 1)])
+    scale = (_logit(_OBJ_HIGH) - _logit(_OBJ_LOW)) / max(q_hi - q_lo, 1e-6)
+    offset = _logit(_OBJ_LOW) - scale * q_lo
+    return scale, offset, int((values_out > q_lo).sum())
+
+
+def _tune_detect_head(model: nn.Module, inputs: list[_Letterboxed], seed: int) -> None:
+    """Rewrite the Detect head rows to give a handful of spread-out boxes per image."""
     detect = model.model[-1]
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         raw = [model(lb.tensor)[1] for lb in inputs]
     for level, conv in enumerate(detect.m):
-        stride = int(detect.stride[level])
         outs = torch.cat([r[level] for r in raw])  # [N, na, ny, nx, no]
-        ny, nx = outs.shape[2:4]
-        mask = torch.stack([_image_cells(lb, stride, ny, nx) for lb in inputs])
-        n_lo, n_hi = _OBJ_TARGETS[level]
-        for a in range(detect.na):
-            vals = outs[:, a]  # [N, ny, nx, no]
-            inside = vals[mask]
-            base = a * detect.no
+        n_img, na, ny, nx, no = outs.shape
+        rows = outs.permute(0, 2, 3, 1, 4).reshape(n_img, ny, nx, na * no).double()
+        mask = torch.stack([_image_cells(lb, int(detect.stride[level]), ny, nx) for lb in inputs])
+        rows_in, rows_out = rows[mask], rows[~mask]
+        weight0, bias0 = conv.weight.detach().clone(), conv.bias.detach().clone()
+        eye = torch.eye(na * no, dtype=torch.float64)
+        for a in range(na):
+            base = a * no
+            candidates = [eye[base + 4]] + [torch.randn(na * no, generator=gen).double() for _ in range(15)]
+            best: tuple[int, torch.Tensor, float, float] | None = None
+            for coeffs in candidates:
+                for sign in (1.0, -1.0):
+                    c = sign * coeffs
+                    scale, offset, bad = _objectness_mapping(
+                        rows_in @ c, rows_out @ c, n_img, _OBJ_TARGETS[level]
+                    )
+                    if best is None or bad < best[0]:
+                        best = (bad, c, scale, offset)
+            _, c_obj, scale, offset = best  # type: ignore[misc]
+            _set_row(conv, base + 4, c_obj, weight0, bias0, 0.0, scale, offset)
+            obj_in = scale * (rows_in @ c_obj) + offset
+            picked = rows_in[obj_in > _logit(_OBJ_LOW)]
+            if len(picked) < 8:
+                picked = rows_in[torch.argsort(obj_in, descending=True)[:8]]
             for k in range(4):
-                v = inside[:, k]
-                _affine_row(conv, base + k, float(v.mean()), _BOX_SCALE / float(v.std()), 0.0)
-            for c, (offset, scale) in enumerate(_CLS_ROWS):
-                v = inside[:, 5 + c]
-                _affine_row(conv, base + 5 + c, float(v.mean()), scale / float(v.std()), offset)
-            obj = inside[:, 4]
-            outside = vals[~mask][:, 4]
-            sign = -1.0 if outside.numel() and float(outside.mean()) > float(obj.median()) else 1.0
-            ranked = torch.sort(sign * obj, descending=True).values
-            q_lo = float(ranked[min(len(ranked) - 1, int(round(n_lo * len(inputs))))])
-            q_hi = float(ranked[max(0, int(round(n_hi * len(inputs))) - 1)])
-            scale = (_logit(_OBJ_HIGH) - _logit(_OBJ_LOW)) / max(q_hi - q_lo, 1e-6)
-            offset = _logit(_OBJ_LOW) - scale * q_lo
-            _affine_row(conv, base + 4, 0.0, sign * scale, offset)
+                v = rows[..., base + k].flatten()
+                spread = float((v - v.median()).abs().max())
+                _set_row(conv, base + k, eye[base + k], weight0, bias0, float(v.median()), _BOX_SCALE / spread, 0.0)
+            for k, (cls_offset, cls_scale) in enumerate(_CLS_ROWS, start=5):
+                v = picked[:, base + k]
+                std = max(float(v.std()), 1e-6)
+                _set_row(conv, base + k, eye[base + k], weight0, bias0, float(v.mean()), cls_scale / std, cls_offset)
     detect.grid = [torch.empty(0) for _ in range(detect.nl)]
     detect.anchor_grid = [torch.empty(0) for _ in range(detect.nl)]
 
@@ -382,7 +417,7 @@ def _build_detector(spec: _SizeSpec, inputs: list[_Letterboxed], seed: int) -> n
     model.names = ["animal", "person", "vehicle"]
     _calibrate_batchnorm(model, (lb.tensor for lb in inputs))
     model.half().float()
-    _tune_detect_head(model, inputs)
+    _tune_detect_head(model, inputs, seed)
     model.half().float()
     return model
 
