@@ -30,6 +30,22 @@ def finalize_onnx(path: Path, opset: int) -> onnx.ModelProto:
     return model
 
 
+def _dynamo(module, example, path, input_name, output_names, opset, dynamo_shapes) -> None:
+    torch.onnx.export(
+        module, (example,), str(path), dynamo=True, external_data=False,
+        input_names=[input_name], output_names=list(output_names),
+        dynamic_shapes=dynamo_shapes(), opset_version=max(opset, 18), optimize=True, verbose=False,
+    )
+
+
+def _torchscript(module, example, path, input_name, output_names, opset, dynamic_dims) -> None:
+    torch.onnx.export(
+        module, (example,), str(path), dynamo=False, opset_version=opset,
+        input_names=[input_name], output_names=list(output_names),
+        dynamic_axes={input_name: dynamic_dims, **{n: {0: "batch"} for n in output_names}},
+    )
+
+
 def export_onnx(
     module: torch.nn.Module,
     example: torch.Tensor,
@@ -42,32 +58,29 @@ def export_onnx(
     dynamo_shapes: Optional[Callable[[], dict]] = None,
     log: Callable[[str], None] = logger.info,
 ) -> str:
-    """Exports with the dynamo exporter, falling back to TorchScript; returns which one succeeded."""
+    """Exports and finalizes a model; returns the exporter that succeeded.
+
+    Below opset 18 the TorchScript exporter goes first: the dynamo exporter emits opset 18 and ONNX's
+    version converter has no 18 -> 17 adapter for ops these models use (Split, ReduceMean with
+    noop_with_empty_axes). From opset 18 on, the dynamo exporter goes first.
+    """
     path = Path(path)
     module = module.eval()
+    attempts = [("torchscript", lambda: _torchscript(module, example, path, input_name, output_names,
+                                                     opset, dynamic_dims))]
+    if dynamo_shapes is not None:
+        dynamo = ("dynamo", lambda: _dynamo(module, example, path, input_name, output_names, opset,
+                                            dynamo_shapes))
+        attempts = [dynamo] + attempts if opset >= 18 else attempts + [dynamo]
     errors = []
-    with torch.no_grad():
-        if dynamo_shapes is not None:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    torch.onnx.export(
-                        module, (example,), str(path), dynamo=True, external_data=False,
-                        input_names=[input_name], output_names=list(output_names),
-                        dynamic_shapes=dynamo_shapes(), opset_version=max(opset, 18),
-                        optimize=True, verbose=False,
-                    )
-                finalize_onnx(path, opset)
-                return "dynamo"
-            except Exception as e:  # the dynamo exporter raises many types; TorchScript is the fallback
-                errors.append(f"dynamo: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                log(f"dynamo exporter failed ({errors[-1]}); falling back to the TorchScript exporter")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, (example,), str(path), dynamo=False, opset_version=opset,
-                input_names=[input_name], output_names=list(output_names),
-                dynamic_axes={input_name: dynamic_dims, **{n: {0: "batch"} for n in output_names}},
-            )
-    finalize_onnx(path, opset)
-    return "torchscript"
+    for name, attempt in attempts:
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                attempt()
+            finalize_onnx(path, opset)
+            return name
+        except Exception as e:  # exporters raise many types; the next exporter is the answer
+            errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            log(f"{name} exporter failed ({errors[-1]})")
+    raise RuntimeError(f"{path}: no exporter could write this model: {'; '.join(errors)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import logging
@@ -121,13 +122,13 @@ def export_classifier(classifier: torch.nn.Module, labels: list[str], out: Path,
     wrapped = ClassifierWithFeatures(classifier.float().cpu().eval()).eval()
     path = out / "classifier.onnx"
     example = torch.rand(2, CROP_SIZE, CROP_SIZE, 3)
+    batch = _classifier_inputs(photos)
+    reference = torch_outputs(wrapped, batch)  # before export: tracing may touch module state
     exporter = export_onnx(
-        wrapped, example, path, input_name="crops", output_names=["logits", "features"],
+        copy.deepcopy(wrapped), example, path, input_name="crops", output_names=["logits", "features"],
         dynamic_dims={0: "batch"}, opset=opset,
         dynamo_shapes=lambda: {"crops": {0: torch.export.Dim("batch", min=1, max=256)}}, log=log,
     )
-    batch = _classifier_inputs(photos)
-    reference = torch_outputs(wrapped, batch)
     candidate = ort_session(path).run(["logits", "features"], {"crops": batch})
     if reference[0].shape[-1] != len(labels):
         raise ValueError(f"classifier has {reference[0].shape[-1]} outputs but {len(labels)} labels")
@@ -158,27 +159,24 @@ def export_detector(model: torch.nn.Module, out: Path, opset: int, photos: list[
     path = out / "detector.onnx"
     example = torch.rand(2, 3, 768, 1280)
 
-    def shapes() -> dict:
-        dim = torch.export.Dim
-        return {"images": {0: dim("batch", min=1, max=64), 2: 64 * dim("h64", min=1, max=40),
-                           3: 64 * dim("w64", min=1, max=40)}}
-
+    # The TorchScript exporter, as YOLOv5's own export uses: the dynamo exporter emits opset 18 and the
+    # ONNX version converter has no opset 18 -> 17 adapter for the Split these graphs contain.
+    batches = _detector_inputs(photos, config)
+    references = [torch_outputs(wrapped, batch) for batch in batches]
     exporter = export_onnx(
-        wrapped, example, path, input_name="images", output_names=["predictions"],
-        dynamic_dims={0: "batch", 2: "height", 3: "width"}, opset=opset, dynamo_shapes=shapes, log=log,
+        copy.deepcopy(wrapped), example, path, input_name="images", output_names=["predictions"],
+        dynamic_dims={0: "batch", 2: "height", 3: "width"}, opset=opset, dynamo_shapes=None, log=log,
     )
     session = ort_session(path)
     diffs = []
-    for batch in _detector_inputs(photos, config):
-        reference = torch_outputs(wrapped, batch)
+    for batch, reference in zip(batches, references):
         candidate = session.run(["predictions"], {"images": batch})
         diffs.append(compare_outputs(["predictions"], reference, candidate)["predictions"])
-    outputs = torch_outputs(wrapped, _detector_inputs([], config)[0])[0]
     return {
         "file": path.name, "sha256": sha256_file(path), "format": "onnx", "opset": opset,
         "exporter": exporter,
         "inputs": [_io_spec("images", ["batch", 3, "height", "width"])],
-        "outputs": [_io_spec("predictions", ["batch", "anchors", int(outputs.shape[-1])])],
+        "outputs": [_io_spec("predictions", ["batch", "anchors", int(references[0][0].shape[-1])])],
         "preprocessing": {"layout": "NCHW", "image_size": config.image_size, "stride": config.stride,
                           "pad_value": config.pad_value, "conf_threshold": config.conf_threshold,
                           "iou_threshold": config.iou_threshold, "max_detections": config.max_detections,

@@ -82,12 +82,13 @@ class _SizeSpec:
     yolo_depth: float | None
     yolo_width: float | None
     max_calibration_images: int
+    batchnorm_images: int
     random_crops: int
 
 
 _SIZES = {
-    "tiny": _SizeSpec(14, None, "yolov5s6.yaml", None, 0.25, 16, 24),
-    "real": _SizeSpec(2065, REAL_NUM_LABELS, "yolov5x6.yaml", None, None, 2, 8),
+    "tiny": _SizeSpec(14, None, "yolov5s6.yaml", None, 0.25, 16, 4, 24),
+    "real": _SizeSpec(2065, REAL_NUM_LABELS, "yolov5x6.yaml", None, None, 2, 2, 8),
 }
 
 # Objectness targets per detection level (P3..P6): (mean candidates above 0.01 per
@@ -235,12 +236,13 @@ def fabricate_labels(
     taxonomy_lines.sort(key=lambda line: line.split(";", 1)[1])
 
     geofence: dict[str, dict[str, dict[str, list[str]]]] = {}
-    fenced = [t for t in species if rng.random() < 0.6]
+    fenced = [t for t in species if rng.random() < 0.75]
     fenced += [t for t in higher if t.depth in (2, 3, 4) and rng.random() < 0.15]
-    fenced += [t for t in higher if t.key == "reptilia;;;;"]
-    for taxon in fenced:
-        rule = {"block": {"GBR": []}} if taxon.depth == 1 else rng.choice(_GEOFENCE_RULES)
+    rules = list(_GEOFENCE_RULES) * (len(fenced) // len(_GEOFENCE_RULES) + 1)
+    rng.shuffle(rules)
+    for taxon, rule in zip(fenced, rules):
         geofence[taxon.key] = json.loads(json.dumps(rule))
+    geofence["reptilia;;;;"] = {"block": {"GBR": []}}
     return labels, taxonomy_lines, dict(sorted(geofence.items()))
 
 
@@ -261,7 +263,7 @@ def _quiet() -> Iterator[None]:
 def _load_rgb(path: Path) -> np.ndarray:
     """Load an image as an RGB uint8 HWC array, EXIF-transposed like SpeciesNet."""
     with PIL.Image.open(path) as img:
-        return np.asarray(PIL.ImageOps.exif_transpose(img.convert("RGB")))
+        return np.array(PIL.ImageOps.exif_transpose(img.convert("RGB")))
 
 
 def _synthetic_images(seed: int, count: int = 4) -> list[np.ndarray]:
@@ -347,9 +349,10 @@ def _objectness_mapping(
 ) -> tuple[float, float, int]:
     """Return (scale, offset, padding cells above 0.01) mapping image-cell quantiles to logits."""
     n_lo, n_hi = targets
-    ranked = torch.sort(values_in, descending=True).values
-    q_lo = float(ranked[min(len(ranked) - 1, int(round(n_lo * n_images)))])
-    q_hi = float(ranked[max(0, int(round(n_hi * n_images)) - 1)])
+    i_lo = min(len(values_in) - 1, int(round(n_lo * n_images)))
+    i_hi = max(0, int(round(n_hi * n_images)) - 1)
+    ranked = torch.topk(values_in, max(i_lo, i_hi) + 1).values
+    q_lo, q_hi = float(ranked[i_lo]), float(ranked[i_hi])
     scale = (_logit(_OBJ_HIGH) - _logit(_OBJ_LOW)) / max(q_hi - q_lo, 1e-6)
     offset = _logit(_OBJ_LOW) - scale * q_lo
     return scale, offset, int((values_out > q_lo).sum())
@@ -415,7 +418,8 @@ def _build_detector(spec: _SizeSpec, inputs: list[_Letterboxed], seed: int) -> n
     with _quiet():
         model = Model(cfg, ch=3)
     model.names = ["animal", "person", "vehicle"]
-    _calibrate_batchnorm(model, (lb.tensor for lb in inputs))
+    step = max(1, len(inputs) // spec.batchnorm_images)
+    _calibrate_batchnorm(model, (lb.tensor for lb in inputs[::step][: spec.batchnorm_images]))
     model.half().float()
     _tune_detect_head(model, inputs, seed)
     model.half().float()
@@ -562,6 +566,18 @@ def _tune_classifier_head(net: nn.Module, crops: torch.Tensor, labels: list[str]
         head.bias.copy_(bias.float())
 
 
+def _inline_identity_initializers(model: onnx.ModelProto) -> None:
+    """Replace Identity nodes over initializers (deduplicated weights) with copies."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in list(model.graph.node):
+        if node.op_type == "Identity" and node.input[0] in inits:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(inits[node.input[0]])
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+            model.graph.node.remove(node)
+
+
 def _export_graph_module(net: nn.Module) -> torch.fx.GraphModule:
     """Export an NHWC network to ONNX and convert it back with onnx2torch."""
     wrapped = _NHWC(net).eval()
@@ -577,11 +593,13 @@ def _export_graph_module(net: nn.Module) -> torch.fx.GraphModule:
             output_names=["logits"],
             dynamic_axes={"input_1": {0: "batch"}, "logits": {0: "batch"}},
         )
-    return onnx2torch.convert(onnx.load_from_string(buf.getvalue()))
+    model = onnx.load_from_string(buf.getvalue())
+    _inline_identity_initializers(model)
+    return onnx2torch.convert(model)
 
 
 def _build_classifier(
-    size: str, labels: list[str], crops: torch.Tensor, seed: int
+    size: str, labels: list[str], crops: torch.Tensor, n_batchnorm: int, seed: int
 ) -> torch.fx.GraphModule:
     """Build, calibrate, head-tune and convert the crop classifier."""
     torch.manual_seed(seed)
@@ -590,7 +608,7 @@ def _build_classifier(
     else:
         net = _TinyClassifier(len(labels))
     nchw = crops.permute(0, 3, 1, 2).contiguous()
-    _calibrate_batchnorm(net, iter(nchw.split(8)))
+    _calibrate_batchnorm(net, iter(nchw[-n_batchnorm:].split(8)))
     _tune_classifier_head(net, nchw, labels, seed)
     gm = _export_graph_module(net)
     gm.eval()
@@ -632,7 +650,7 @@ def build_speciesnet_folder(
     detector = _build_detector(spec, inputs, seed)
     boxes = [_detections(detector, lb) for lb in inputs]
     crops = _classifier_crops(images, boxes, spec.random_crops, seed)
-    classifier = _build_classifier(size, labels, crops, seed)
+    classifier = _build_classifier(size, labels, crops, spec.random_crops, seed)
 
     stem = f"always_crop_{99710272 + seed:08d}_22x8_v12_epoch_00148"
     files = {

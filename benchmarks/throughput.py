@@ -1,0 +1,104 @@
+"""SpeciesNet's own pipeline vs `trapedge run` (ONNX Runtime CPU) on the same photos and real-size models.
+
+Real-size architectures with random weights (YOLOv5x6 MegaDetector, EfficientNetV2-M with 2,498 labels),
+built in SpeciesNet's on-disk formats by tests/modelfolder.py and exported with `trapedge export speciesnet`.
+Writes results/throughput.json and results/throughput.md.
+
+    python benchmarks/throughput.py [--images N] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+
+import machine  # noqa: E402
+from paths import MEDIA  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=10)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/trapedge-bench"))
+    args = parser.parse_args()
+
+    from modelfolder import build_speciesnet_folder
+    from trapedge.export.speciesnet import export_speciesnet
+
+    photos = sorted(MEDIA.glob("*.JPG"))
+    folder, bundle_dir = args.work / "speciesnet-real", args.work / "bundle-real"
+    if not (folder / "info.json").is_file():
+        t = time.perf_counter()
+        build_speciesnet_folder(folder, size="real", seed=0, calibration_images=photos)
+        print(f"built real-size model folder in {time.perf_counter() - t:.0f} s")
+    if not (bundle_dir / "manifest.json").is_file():
+        t = time.perf_counter()
+        export_speciesnet(str(folder), bundle_dir, parity_images=MEDIA)
+        print(f"exported in {time.perf_counter() - t:.0f} s")
+    dump = args.work / "card"
+    shutil.rmtree(dump, ignore_errors=True)
+    dump.mkdir(parents=True)
+    files = []
+    for i in range(args.images):
+        src = photos[i % len(photos)]
+        files.append(Path(shutil.copy(src, dump / f"{i:04d}_{src.name}")))
+
+    from speciesnet import SpeciesNet
+
+    model = SpeciesNet(str(folder), components="all", geofence=True)
+    model.predict(filepaths=[str(files[0])], run_mode="multi_thread")  # warm-up outside the timing
+    t = time.perf_counter()
+    try:
+        out = model.predict(filepaths=[str(f) for f in files], run_mode="multi_thread", batch_size=8)
+        sn_error = None
+        sn_detections = sum(len(p.get("detections", [])) for p in out["predictions"])
+    except RuntimeError as e:  # SpeciesNet raises on empty crops; report rather than hide it
+        sn_error, sn_detections = str(e), None
+    sn_seconds = time.perf_counter() - t
+    del model
+
+    from trapedge.runtime.bundle import Bundle
+    from trapedge.runtime.ingest import scan
+    from trapedge.runtime.pipeline import RunOptions, Runner
+
+    runner = Runner(Bundle.load(bundle_dir), RunOptions(device="cpu"))
+    runner.open()
+    list(runner.process(list(scan(dump))[:1], dump))  # warm-up outside the timing
+    runner = Runner(Bundle.load(bundle_dir), RunOptions(device="cpu"))
+    runner.open()
+    t = time.perf_counter()
+    results = list(runner.process(list(scan(dump)), dump))
+    te_seconds = time.perf_counter() - t
+    te_detections = sum(len(r.prediction.get("detections", [])) for r in results)
+
+    result = {
+        "images": len(files), "image_size": "2048x1440 (real Reconyx photos)",
+        "models": "YOLOv5x6 (MegaDetector v5a architecture) + EfficientNetV2-M 480, 2,498 labels; random weights",
+        "speciesnet": {"seconds": sn_seconds, "images_per_s": len(files) / sn_seconds,
+                       "detections": sn_detections, "error": sn_error},
+        "trapedge": {"seconds": te_seconds, "images_per_s": len(files) / te_seconds, "detections": te_detections,
+                     "providers": runner.open(), "stages": runner.timer.summary()},
+        "ratio": sn_seconds / te_seconds,
+        "target_ratio": 1.5,
+        "machine": machine.describe(),
+    }
+    md = machine.write("throughput", result, [
+        ("images", str(len(files))),
+        ("SpeciesNet images/s", f"{result['speciesnet']['images_per_s']:.4f}"
+         + (f" (raised: {sn_error[:60]})" if sn_error else "")),
+        ("trapedge images/s (ORT CPU)", f"{result['trapedge']['images_per_s']:.4f}"),
+        ("ratio trapedge / SpeciesNet", f"{result['ratio']:.2f}x (target 1.5x)"),
+        ("detections SpeciesNet / trapedge", f"{sn_detections} / {te_detections}"),
+    ])
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()
