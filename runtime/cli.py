@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,6 +20,8 @@ from .bundle import Bundle, BundleError
 from .formats import write_images_csv, write_predictions_json
 from .ingest import scan
 from .pipeline import RunOptions, Runner
+from .reclassify import CENTROID_SOURCES, EmbeddingTable, Reclassifier
+from .stages import SCORING, StageConfig
 
 app = typer.Typer(help="Camera-trap photos to species on the edge: SpeciesNet on ONNX Runtime.",
                   no_args_is_help=True, add_completion=False)
@@ -74,8 +76,19 @@ def run(
     classifier_batch: int = typer.Option(8, min=1, help="Crops per classifier call."),
     workers: int = typer.Option(2, min=1, help="Decode worker threads."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    reclassify: bool = typer.Option(True, help="Run pass 2: the five re-classification stages."),
+    centroids: str = typer.Option("dump", help=f"Centroid source: {', '.join(CENTROID_SOURCES)}."),
+    scoring: Optional[str] = typer.Option(None, help=f"Stage-5 scoring: {', '.join(SCORING)}."),
+    target_precision: Optional[float] = typer.Option(None, min=0.0, max=1.0,
+                                                     help="Calibrate stage-5 thresholds to this precision."),
+    stages_config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                                 help="JSON file of stage settings (see StageConfig)."),
+    tau_accept: Optional[float] = typer.Option(None, help="Stage 1 acceptance score."),
+    lam: Optional[float] = typer.Option(None, help="Stage 5 adaptive threshold: mean + lam * std."),
+    margin: Optional[float] = typer.Option(None, help="Stage 5 margin over the runner-up."),
+    n_min: Optional[int] = typer.Option(None, min=1, help="Stage 3 references per centroid."),
 ) -> None:
-    """Detect and classify every photo on a card, writing SpeciesNet's predictions.json."""
+    """Detect, classify and re-classify every photo on a card, writing SpeciesNet's predictions.json."""
     country, admin1 = _check_location(country, admin1)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
@@ -85,6 +98,13 @@ def run(
                              classifier_batch=classifier_batch, decode_workers=workers)
         runner = Runner(loaded, options)
         providers = runner.open()
+        reclassifier = None
+        if reclassify:
+            config = _stage_config(loaded, stages_config, scoring=scoring, tau_accept=tau_accept, lam=lam,
+                                   margin=margin, n_min=n_min)
+            reclassifier = Reclassifier(loaded, config, centroids=centroids, country=country,
+                                        admin1_region=admin1, enable_geofence=geofence,
+                                        target_precision=target_precision)
     except (BundleError, BackendError, ValueError) as e:
         _fail(str(e))
     out.mkdir(parents=True, exist_ok=True)
@@ -103,14 +123,75 @@ def run(
             results.append(result)
             elapsed = time.perf_counter() - started
             progress.update(task, advance=1, rate=f"{len(results) / elapsed:.2f} img/s")
+    predictions = [r.prediction for r in results]
+    table = EmbeddingTable.from_results(results, runner.embedder.section["backbone"] if runner.embedder else "")
+    with runner.timer.stage("store"):
+        table.save(out / "embeddings.npz")
+    if reclassifier is not None:
+        reclassifier.run(predictions, table)
+        for name, samples in reclassifier.timer.samples.items():
+            for value in samples:
+                runner.timer.add(name, value)
     with runner.timer.stage("write"):
-        write_predictions_json(out / "predictions.json", [r.prediction for r in results])
+        write_predictions_json(out / "predictions.json", predictions, _info(loaded, reclassifier))
         write_images_csv(out / "images.csv", (
             {"key": r.record.key, "filepath": r.prediction["filepath"], "width": r.width,
              "height": r.height, "captured": r.captured, "status": r.status,
              "reason": r.error or "; ".join(r.warnings)} for r in results))
     if not quiet:
         _summary(results, runner, time.perf_counter() - started, out)
+        if reclassifier is not None:
+            console.print(f"re-classification: {reclassifier.summary}", highlight=False)
+
+
+def _stage_config(bundle: Bundle, path: Optional[Path], **overrides) -> StageConfig:
+    """Stage settings: the bundle's defaults, then a JSON file, then CLI flags."""
+    values = dict(bundle.manifest.get("stages", {}))
+    if path is not None:
+        try:
+            values.update(json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return StageConfig.from_dict(values)
+
+
+def _info(bundle: Bundle, reclassifier: Optional[Reclassifier]) -> dict:
+    info = {"trapedge": {"version": __version__, "bundle_model_version": bundle.model_version}}
+    if reclassifier is not None:
+        info["trapedge"]["reclassification"] = {"stages": reclassifier.config.to_dict(),
+                                                "centroids": reclassifier.centroid_source,
+                                                "target_precision": reclassifier.target_precision,
+                                                "counts": reclassifier.summary}
+    return info
+
+
+@app.command("reclassify")
+def reclassify_cmd(
+    outdir: Path = typer.Argument(..., exists=True, file_okay=False, help="Output folder of a finished run."),
+    bundle: Path = typer.Option(..., "--bundle", "-b", help="Artifact bundle folder."),
+    country: Optional[str] = typer.Option(None, help="ISO 3166-1 alpha-3 country for the geofence."),
+    admin1: Optional[str] = typer.Option(None, help="ISO 3166-2 admin1 region."),
+    geofence: bool = typer.Option(True, help="Apply SpeciesNet's geofence."),
+    centroids: str = typer.Option("dump", help=f"Centroid source: {', '.join(CENTROID_SOURCES)}."),
+    scoring: Optional[str] = typer.Option(None, help=f"Stage-5 scoring: {', '.join(SCORING)}."),
+    target_precision: Optional[float] = typer.Option(None, min=0.0, max=1.0),
+    stages_config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
+) -> None:
+    """Re-run pass 2 (the five stages) on a finished run's stored predictions and embeddings."""
+    country, admin1 = _check_location(country, admin1)
+    try:
+        loaded = Bundle.load(bundle)
+        config = _stage_config(loaded, stages_config, scoring=scoring)
+        reclassifier = Reclassifier(loaded, config, centroids=centroids, country=country, admin1_region=admin1,
+                                    enable_geofence=geofence, target_precision=target_precision)
+        document = json.loads((outdir / "predictions.json").read_text(encoding="utf-8"))
+        table = EmbeddingTable.load(outdir / "embeddings.npz")
+    except (BundleError, BackendError, ValueError, OSError) as e:
+        _fail(str(e))
+    counts = reclassifier.run(document["predictions"], table)
+    write_predictions_json(outdir / "predictions.json", document["predictions"], _info(loaded, reclassifier))
+    console.print(f"re-classification: {counts}", highlight=False)
 
 
 def _summary(results: list, runner: Runner, seconds: float, out: Path) -> None:

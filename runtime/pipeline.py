@@ -23,7 +23,9 @@ from .ensemble import (
     Ensemble,
     Failure,
 )
+from .embed import Embedder
 from .ingest import DecodedImage, ImageRecord, decode
+from .stages import needs_embedding
 
 __all__ = ["ImageResult", "RunOptions", "Runner"]
 
@@ -45,6 +47,7 @@ class RunOptions:
     classifier_batch: int = 8
     decode_workers: int = 2
     chunk: int = 8
+    embed: bool = True
 
 
 @dataclass
@@ -59,6 +62,7 @@ class ImageResult:
     error: Optional[str] = None
     warnings: list[str] = field(default_factory=list)
     features: dict[int, np.ndarray] = field(default_factory=dict)
+    embeddings: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
@@ -88,6 +92,7 @@ class Runner:
         self.ensemble = Ensemble.from_files(
             bundle.file("taxonomy"), bundle.file("geofence"), options.enable_geofence
         )
+        self.embedder = Embedder(bundle, options.device, options.threads) if options.embed else None
         self.detector_config = det_ops.DetectorConfig(
             **{
                 k: v
@@ -141,6 +146,8 @@ class Runner:
         with self.timer.stage("ensemble"):
             for work, result in zip(chunk, results):
                 self._decide(result)
+        if self.embedder is not None:
+            self._embed(chunk, results)
         for work in chunk:
             work.image.pixels = None
             work.boxed = None
@@ -216,6 +223,21 @@ class Runner:
                         "scores": scores[j].tolist(),
                     }
                     result.features[det_idx] = features[j]
+
+    def _embed(self, chunk: list[_Work], results: list[ImageResult]) -> None:
+        for work, result in zip(chunk, results):
+            wanted = [i for i, det in enumerate(result.prediction.get("detections") or [])
+                      if "processed_classification" in det
+                      and needs_embedding(det["processed_classification"]["class"])]
+            if not wanted:
+                continue
+            if self.embedder.uses_classifier:
+                result.embeddings = {i: result.features[i] for i in wanted}
+                continue
+            with self.timer.stage("embed"):
+                vectors = self.embedder.embed(work.image.pixels,
+                                              [result.prediction["detections"][i]["bbox"] for i in wanted])
+            result.embeddings = {i: v for i, v in zip(wanted, vectors) if v is not None}
 
     def _top_k(self, num_labels: int) -> int:
         keep = self.options.max_classifications_per_detection

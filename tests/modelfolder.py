@@ -79,7 +79,6 @@ class _SizeSpec:
     n_species: int
     n_labels: int | None
     yolo_config: str
-    yolo_depth: float | None
     yolo_width: float | None
     max_calibration_images: int
     batchnorm_images: int
@@ -87,17 +86,22 @@ class _SizeSpec:
 
 
 _SIZES = {
-    "tiny": _SizeSpec(14, None, "yolov5s6.yaml", None, 0.25, 16, 4, 24),
-    "real": _SizeSpec(2065, REAL_NUM_LABELS, "yolov5x6.yaml", None, None, 2, 2, 8),
+    "tiny": _SizeSpec(14, None, "yolov5s6.yaml", 0.25, 16, 4, 24),
+    "real": _SizeSpec(2065, REAL_NUM_LABELS, "yolov5x6.yaml", None, 2, 2, 8),
 }
 
 # Objectness targets per detection level (P3..P6): (mean candidates above 0.01 per
 # image and anchor, mean anchors above the high point per image and anchor).
 _OBJ_TARGETS = ((1.2, 0.08), (1.2, 0.12), (0.8, 0.12), (0.3, 0.05))
 _OBJ_LOW, _OBJ_HIGH = 0.01, 0.9
-# Class-row (offset, scale) for animal, human, vehicle in standardised units.
+# Largest L1 norm of an objectness row, which keeps fp16 rounding error near 0.05 logits.
+_OBJ_MAX_L1 = 100.0
+# Class-row (offset, scale) for animal, human, vehicle, standardised over candidates.
 _CLS_ROWS = ((3.0, 1.0), (0.0, 2.5), (-0.5, 2.5))
+# Largest box-row logit: boxes stay within (2 * sigmoid(0.6)) ** 2 = 1.7x anchor size.
 _BOX_SCALE = 0.6
+# Classifier logit spread on whitened calibration features, label biases, and the
+# weights of class/order/family/genus/own directions shared along the taxonomy.
 _LOGIT_SCALE = 8.0
 _SPECIAL_BIAS = {BLANK: 0.5, HUMAN: 0.5, VEHICLE: 0.5, ANIMAL: -2.0}
 _RANK_WEIGHTS = (0.2, 0.3, 0.4, 0.5, 0.8)
@@ -119,13 +123,6 @@ class _Taxon:
     def depth(self) -> int:
         """Return the number of non-empty rank fields."""
         return sum(1 for f in self.fields if f)
-
-    def ancestors(self) -> list[tuple[str, str, str, str, str]]:
-        """Return the field tuples of all proper ancestors, class first."""
-        return [
-            tuple(self.fields[:d]) + ("",) * (5 - d)  # type: ignore[misc]
-            for d in range(1, self.depth)
-        ]
 
 
 class _Namer:
@@ -165,7 +162,8 @@ def _fabricate_tree(n_species: int, rng: random.Random) -> tuple[list[_Taxon], l
     namer = _Namer(rng, reserved=("primates", "hominidae", "homo", "sapiens"))
     species: list[_Taxon] = []
     higher: list[_Taxon] = []
-    for (cls, cls_common, _), count in zip(_CLASSES, _split_counts(n_species, [c[2] for c in _CLASSES])):
+    counts = _split_counts(n_species, [c[2] for c in _CLASSES])
+    for (cls, cls_common, _), count in zip(_CLASSES, counts):
         higher.append(_Taxon((cls, "", "", "", ""), cls_common))
         remaining = count
         first_order = cls == "mammalia"
@@ -224,9 +222,12 @@ def fabricate_labels(
     n_species: int, seed: int, *, n_labels: int | None = None
 ) -> tuple[list[str], list[str], dict]:
     """Returns (classifier_labels, taxonomy_lines, geofence_map)."""
+    if n_species < len(_CLASSES):
+        raise ValueError(f"need at least {len(_CLASSES)} species, got {n_species}")
     rng = random.Random(f"labels-{seed}")
     species, higher = _fabricate_tree(n_species, rng)
-    n_extra = None if n_labels is None else n_labels - len(SPECIAL_LABELS) - n_species - len(_CLASSES)
+    n_fixed = len(SPECIAL_LABELS) + n_species + len(_CLASSES)
+    n_extra = None if n_labels is None else n_labels - n_fixed
     label_taxa = species + _pick_higher_labels(higher, n_extra, rng)
     uids = {t.key: _uuid(rng) for t in species + higher}
     labels = [_line(uids[t.key], t) for t in label_taxa] + list(SPECIAL_LABELS)
@@ -349,8 +350,8 @@ def _objectness_mapping(
 ) -> tuple[float, float, int]:
     """Return (scale, offset, padding cells above 0.01) mapping image-cell quantiles to logits."""
     n_lo, n_hi = targets
-    i_lo = min(len(values_in) - 1, int(round(n_lo * n_images)))
     i_hi = max(0, int(round(n_hi * n_images)) - 1)
+    i_lo = min(len(values_in) - 1, max(int(round(n_lo * n_images)), i_hi + 2))
     ranked = torch.topk(values_in, max(i_lo, i_hi) + 1).values
     q_lo, q_hi = float(ranked[i_lo]), float(ranked[i_hi])
     scale = (_logit(_OBJ_HIGH) - _logit(_OBJ_LOW)) / max(q_hi - q_lo, 1e-6)
@@ -374,30 +375,42 @@ def _tune_detect_head(model: nn.Module, inputs: list[_Letterboxed], seed: int) -
         eye = torch.eye(na * no, dtype=torch.float64)
         for a in range(na):
             base = a * no
-            candidates = [eye[base + 4]] + [torch.randn(na * no, generator=gen).double() for _ in range(15)]
-            best: tuple[int, torch.Tensor, float, float] | None = None
+            candidates = [eye[base + 4]]
+            candidates += [torch.randn(na * no, generator=gen).double() for _ in range(15)]
+            best: tuple[int, float, torch.Tensor, float] | None = None
             for coeffs in candidates:
+                l1 = float(torch.einsum("r,r...->...", coeffs, weight0.double()).abs().sum())
                 for sign in (1.0, -1.0):
                     c = sign * coeffs
-                    scale, offset, bad = _objectness_mapping(
+                    scale, _, bad = _objectness_mapping(
                         rows_in @ c, rows_out @ c, n_img, _OBJ_TARGETS[level]
                     )
-                    if best is None or bad < best[0]:
-                        best = (bad, c, scale, offset)
-            _, c_obj, scale, offset = best  # type: ignore[misc]
+                    if best is None or (bad, scale * l1) < best[:2]:
+                        best = (bad, scale * l1, c, l1)
+            _, _, c_obj, l1 = best  # type: ignore[misc]
+            values = rows_in @ c_obj
+            scale, offset, _ = _objectness_mapping(values, values[:0], n_img, _OBJ_TARGETS[level])
+            if scale * l1 > _OBJ_MAX_L1:
+                q_lo = (_logit(_OBJ_LOW) - offset) / scale
+                scale = _OBJ_MAX_L1 / l1
+                offset = _logit(_OBJ_LOW) - scale * q_lo
             _set_row(conv, base + 4, c_obj, weight0, bias0, 0.0, scale, offset)
-            obj_in = scale * (rows_in @ c_obj) + offset
+            obj_in = scale * values + offset
             picked = rows_in[obj_in > _logit(_OBJ_LOW)]
             if len(picked) < 8:
                 picked = rows_in[torch.argsort(obj_in, descending=True)[:8]]
             for k in range(4):
                 v = rows[..., base + k].flatten()
-                spread = float((v - v.median()).abs().max())
-                _set_row(conv, base + k, eye[base + k], weight0, bias0, float(v.median()), _BOX_SCALE / spread, 0.0)
+                center = float(v.median())
+                spread = max(float((v - center).abs().max()), 1e-6)
+                row_scale = _BOX_SCALE / spread
+                _set_row(conv, base + k, eye[base + k], weight0, bias0, center, row_scale, 0.0)
             for k, (cls_offset, cls_scale) in enumerate(_CLS_ROWS, start=5):
                 v = picked[:, base + k]
-                std = max(float(v.std()), 1e-6)
-                _set_row(conv, base + k, eye[base + k], weight0, bias0, float(v.mean()), cls_scale / std, cls_offset)
+                center, std = float(v.mean()), max(float(v.std()), 1e-6)
+                row_scale = cls_scale / std
+                onehot = eye[base + k]
+                _set_row(conv, base + k, onehot, weight0, bias0, center, row_scale, cls_offset)
     detect.grid = [torch.empty(0) for _ in range(detect.nl)]
     detect.anchor_grid = [torch.empty(0) for _ in range(detect.nl)]
 
@@ -410,8 +423,6 @@ def _build_detector(spec: _SizeSpec, inputs: list[_Letterboxed], seed: int) -> n
     cfg_path = Path(yolov5.__file__).parent / "models" / "hub" / spec.yolo_config
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["nc"] = 3
-    if spec.yolo_depth is not None:
-        cfg["depth_multiple"] = spec.yolo_depth
     if spec.yolo_width is not None:
         cfg["width_multiple"] = spec.yolo_width
     torch.manual_seed(seed)
@@ -426,7 +437,10 @@ def _build_detector(spec: _SizeSpec, inputs: list[_Letterboxed], seed: int) -> n
     return model
 
 
-def _detections(model: nn.Module, lb: _Letterboxed) -> list[tuple[float, float, float, float, float]]:
+_Box = tuple[float, float, float, float, float]
+
+
+def _detections(model: nn.Module, lb: _Letterboxed) -> list[_Box]:
     """Return (x0, y0, x1, y1, conf) boxes in original pixels, as SpeciesNet computes them."""
     from yolov5.utils.general import non_max_suppression, scale_boxes
 
@@ -457,7 +471,8 @@ def _classifier_crops(
     """Return NHWC crops of detections (conf >= 0.1) plus random crops."""
     rng = random.Random(f"crops-{seed}")
     crops = []
-    tensors = [TF.convert_image_dtype(torch.from_numpy(img).permute(2, 0, 1), torch.float32) for img in images]
+    chw = [torch.from_numpy(img).permute(2, 0, 1) for img in images]
+    tensors = [TF.convert_image_dtype(t, torch.float32) for t in chw]
     for tensor, dets in zip(tensors, boxes):
         for det in dets:
             if det[4] >= 0.1 and (crop := _crop(tensor, det[:4])) is not None:
@@ -467,7 +482,8 @@ def _classifier_crops(
         h, w = tensor.shape[1:]
         bw, bh = rng.uniform(0.08, 0.6) * w, rng.uniform(0.08, 0.6) * h
         x0, y0 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
-        crops.append(_crop(tensor, (x0, y0, x0 + bw, y0 + bh)))
+        if (crop := _crop(tensor, (x0, y0, x0 + bw, y0 + bh))) is not None:
+            crops.append(crop)
     return torch.stack(crops)
 
 
@@ -488,7 +504,8 @@ class _TinyClassifier(nn.Module):
         layers: list[nn.Module] = []
         c_in = 3
         for c_out in widths:
-            layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.SiLU()]
+            conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False)
+            layers += [conv, nn.BatchNorm2d(c_out), nn.SiLU()]
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.pool = _GlobalMean()
@@ -540,7 +557,9 @@ def _label_weights(labels: list[str], dim: int, seed: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _tune_classifier_head(net: nn.Module, crops: torch.Tensor, labels: list[str], seed: int) -> None:
+def _tune_classifier_head(
+    net: nn.Module, crops: torch.Tensor, labels: list[str], seed: int
+) -> None:
     """Set the final linear layer to whitened, taxonomy-correlated random logits."""
     head = _last_linear(net)
     feats: list[torch.Tensor] = []
@@ -617,7 +636,10 @@ def _build_classifier(
 
 def classifier_head(module: nn.Module) -> tuple[str, str]:
     """Return (final nn.Linear target, fx node name of its pooled-feature input)."""
-    graph_module = module if isinstance(module, torch.fx.GraphModule) else torch.fx.symbolic_trace(module)
+    if isinstance(module, torch.fx.GraphModule):
+        graph_module = module
+    else:
+        graph_module = torch.fx.symbolic_trace(module)
     linear_nodes = [
         n
         for n in graph_module.graph.nodes
@@ -625,6 +647,11 @@ def classifier_head(module: nn.Module) -> tuple[str, str]:
     ]
     node = linear_nodes[-1]
     return str(node.target), node.args[0].name
+
+
+def _write_lines(path: Path, lines: Sequence[str]) -> None:
+    """Write one UTF-8 line per entry."""
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
 def build_speciesnet_folder(
@@ -647,10 +674,11 @@ def build_speciesnet_folder(
     images = [_load_rgb(p) for p in paths] or _synthetic_images(seed)
     inputs = [_letterbox(img) for img in images]
 
-    detector = _build_detector(spec, inputs, seed)
-    boxes = [_detections(detector, lb) for lb in inputs]
-    crops = _classifier_crops(images, boxes, spec.random_crops, seed)
-    classifier = _build_classifier(size, labels, crops, spec.random_crops, seed)
+    with torch.random.fork_rng(devices=[]):
+        detector = _build_detector(spec, inputs, seed)
+        boxes = [_detections(detector, lb) for lb in inputs]
+        crops = _classifier_crops(images, boxes, spec.random_crops, seed)
+        classifier = _build_classifier(size, labels, crops, spec.random_crops, seed)
 
     stem = f"always_crop_{99710272 + seed:08d}_22x8_v12_epoch_00148"
     files = {
@@ -672,8 +700,8 @@ def build_speciesnet_folder(
         "date": "2022-06-15T00:00:00",
     }
     torch.save(checkpoint, dest / files["detector"])
-    (dest / files["classifier_labels"]).write_text("".join(f"{x}\n" for x in labels), encoding="utf-8")
-    (dest / files["taxonomy"]).write_text("".join(f"{x}\n" for x in taxonomy), encoding="utf-8")
+    _write_lines(dest / files["classifier_labels"], labels)
+    _write_lines(dest / files["taxonomy"], taxonomy)
     (dest / files["geofence"]).write_text(json.dumps(geofence, indent=1) + "\n", encoding="utf-8")
     info = {"version": version, "type": "always_crop", **files}
     (dest / "info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

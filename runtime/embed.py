@@ -1,0 +1,102 @@
+"""Embeddings for re-classification: encoder preprocessing, the encoder, and the triplet head (stage 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .backends import OnnxBackend
+from .bundle import Bundle
+from .classifier import crop_box
+
+__all__ = ["Embedder", "EncoderPreprocess", "apply_head", "embedding_section"]
+
+
+def embedding_section(bundle: Bundle) -> dict:
+    """The bundle's embedding choice; SpeciesNet's pooled classifier features when none is recorded."""
+    return bundle.manifest.get("embedding") or {
+        "backbone": "speciesnet", "model": "classifier", "output": "features",
+        "dim": bundle.model("classifier").output_dim("features"),
+    }
+
+
+class EncoderPreprocess:
+    """Crop, resize (shortest side, Pillow bicubic as open_clip), centre crop, scale, normalise: NCHW."""
+
+    def __init__(self, spec: dict) -> None:
+        self.size = int(spec["size"])
+        self.mean = np.asarray(spec.get("mean", [0.0, 0.0, 0.0]), dtype=np.float32)
+        self.std = np.asarray(spec.get("std", [1.0, 1.0, 1.0]), dtype=np.float32)
+        self.interpolation = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[
+            spec.get("interpolation", "bicubic")]
+
+    def __call__(self, image: np.ndarray, bbox: Sequence[float]) -> Optional[np.ndarray]:
+        """One CHW float32 input for a detection box, or None for an empty crop."""
+        height, width = image.shape[:2]
+        top, left, crop_h, crop_w = crop_box(height, width, bbox)
+        if crop_h <= 0 or crop_w <= 0:
+            return None
+        crop = Image.fromarray(image[top : top + crop_h, left : left + crop_w])
+        scale = self.size / min(crop.size)
+        new = (max(self.size, round(crop.size[0] * scale)), max(self.size, round(crop.size[1] * scale)))
+        crop = crop.resize(new, self.interpolation)
+        x0, y0 = (new[0] - self.size) // 2, (new[1] - self.size) // 2
+        crop = crop.crop((x0, y0, x0 + self.size, y0 + self.size))
+        arr = np.asarray(crop, dtype=np.float32) / np.float32(255)
+        return ((arr - self.mean) / self.std).transpose(2, 0, 1)
+
+
+class Embedder:
+    """Runs the bundle's image encoder on detection crops (only when the backbone is not SpeciesNet's own)."""
+
+    def __init__(self, bundle: Bundle, device: str = "auto", threads: Optional[int] = None,
+                 batch: int = 16) -> None:
+        self.section = embedding_section(bundle)
+        self.uses_classifier = self.section["model"] == "classifier"
+        self.batch = batch
+        self.backend = None
+        if not self.uses_classifier:
+            spec = bundle.model(self.section["model"])
+            self.preprocess = EncoderPreprocess(spec.preprocessing)
+            self.input_name = spec.inputs[0]["name"]
+            self.backend = OnnxBackend(spec.path, device, threads, bundle.root / ".engines")
+
+    def embed(self, image: np.ndarray, bboxes: Sequence[Sequence[float]]) -> list[Optional[np.ndarray]]:
+        """Encoder embeddings for the boxes of one image (None where the crop is empty)."""
+        inputs = [self.preprocess(image, b) for b in bboxes]
+        rows = [i for i, x in enumerate(inputs) if x is not None]
+        out: list[Optional[np.ndarray]] = [None] * len(inputs)
+        for start in range(0, len(rows), self.batch):
+            part = rows[start : start + self.batch]
+            (vectors,) = self.backend.run({self.input_name: np.stack([inputs[i] for i in part])},
+                                          [self.section["output"]])
+            for i, v in zip(part, vectors):
+                out[i] = v
+        return out
+
+
+def apply_head(vectors: np.ndarray, head: Optional[OnnxBackend], batch: int = 4096) -> np.ndarray:
+    """Stage 4 at run time: the triplet head (if the bundle has one), then L2 normalisation."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if head is not None and len(vectors):
+        name = head.input_names()[0]
+        vectors = np.concatenate([head.run({name: vectors[i : i + batch]})[0]
+                                  for i in range(0, len(vectors), batch)])
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def head_backend(bundle: Bundle, device: str = "cpu") -> Optional[OnnxBackend]:
+    """The bundle's triplet head, if it has one."""
+    return OnnxBackend(bundle.model("head").path, device) if bundle.has_model("head") else None
+
+
+def load_prompts(bundle: Bundle) -> tuple[Optional[np.ndarray], list[int]]:
+    """Bird-override prompt embeddings stored in the bundle (no text encoder ships)."""
+    if "prompts" not in bundle.manifest["files"]:
+        return None, []
+    with np.load(Path(bundle.file("prompts")), allow_pickle=False) as data:
+        return data["embeddings"].astype(np.float32), [int(i) for i in data["bird_rows"]]

@@ -1,0 +1,238 @@
+"""Pass 2 over a whole dump: stages 1 (accept), 2 (birds), 3 (centroids), 4 (head) and 5 (score)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .bench import StageTimer
+from .bundle import Bundle
+from .ensemble import Classification, load_geofence, load_taxonomy, should_geofence_animal_classification
+from .stages import (
+    Centroids, StageConfig, accept, aves_mass, bird_probability, birds, build_centroids, label_depth,
+    needs_embedding, score,
+)
+
+__all__ = ["CENTROID_SOURCES", "EmbeddingTable", "Reclassifier", "calibrate_thresholds"]
+
+CENTROID_SOURCES = ("bundle", "dump", "both")
+_LEVEL_NAMES = {0: "kingdom", 1: "class", 2: "order", 3: "family", 4: "genus", 5: "species"}
+
+
+@dataclass
+class EmbeddingTable:
+    """Backbone embeddings of the detections that need them, keyed by (filepath, detection index)."""
+
+    filepaths: list[str]
+    detections: np.ndarray
+    vectors: np.ndarray
+    backbone: str = "speciesnet"
+
+    def save(self, path: Path) -> None:
+        """Writes an .npz atomically (loadable with allow_pickle=False)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+        os.close(fd)
+        try:
+            np.savez(tmp, filepaths=np.array(self.filepaths, dtype=str), detections=self.detections,
+                     vectors=self.vectors.astype(np.float32), backbone=np.array(self.backbone))
+            with open(tmp, "rb+") as fp:
+                os.fsync(fp.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> EmbeddingTable:
+        """Reads a table written by `save`."""
+        with np.load(path, allow_pickle=False) as data:
+            return cls(list(data["filepaths"]), data["detections"], data["vectors"], str(data["backbone"]))
+
+    @classmethod
+    def from_results(cls, results: Sequence, backbone: str) -> EmbeddingTable:
+        """Collects pass-1 embeddings from pipeline results."""
+        paths, dets, vecs = [], [], []
+        for r in results:
+            for idx, v in sorted(r.embeddings.items()):
+                paths.append(r.prediction["filepath"])
+                dets.append(idx)
+                vecs.append(v)
+        dim = len(vecs[0]) if vecs else 0
+        return cls(paths, np.asarray(dets, dtype=np.int64),
+                   np.asarray(vecs, dtype=np.float32).reshape(len(vecs), dim), backbone)
+
+
+def calibrate_thresholds(vectors: np.ndarray, labels: Sequence[str], taxonomy_map: dict, config: StageConfig,
+                         target_precision: float, seed: int = 0, holdout: float = 0.25) -> dict[str, float]:
+    """Per-level distance thresholds reaching a target precision on held-out references.
+
+    References are split (seeded); centroids come from one part; each held-out reference is scored as if
+    SpeciesNet had only said "animal"; at each level the largest threshold whose accepted assignments are
+    right at least `target_precision` of the time is kept.
+    """
+    rng = np.random.default_rng(seed)
+    labels = list(labels)
+    order = rng.permutation(len(labels))
+    n_hold = max(1, int(len(labels) * holdout))
+    held, fit = order[:n_hold], order[n_hold:]
+    cents = build_centroids(vectors[fit], [labels[i] for i in fit], taxonomy_map, config)
+    result: dict[str, float] = {}
+    if not len(cents):
+        return result
+    open_config = StageConfig.from_dict({**config.to_dict(), "margin": 0.0, "t_min": 0.0, "t_max": 2.0,
+                                         "mahalanobis_t_max": 1e9, "lam": 1e6})
+    for level in config.levels:
+        one = StageConfig.from_dict({**open_config.to_dict(), "levels": [level]})
+        decisions = score(vectors[held], [Classification.ANIMAL.value] * len(held), np.ones(len(held)), cents,
+                          lambda _: True, one)
+        pairs = []
+        for i, d in zip(held, decisions):
+            if d is not None:
+                truth = labels[i].split(";")[1:6]
+                got = d.label.split(";")[1:6]
+                depth = label_depth(d.label)
+                pairs.append((d.distance, truth[:depth] == got[:depth]))
+        if not pairs:
+            continue
+        pairs.sort()
+        correct = np.cumsum([ok for _, ok in pairs])
+        precision = correct / np.arange(1, len(pairs) + 1)
+        good = np.flatnonzero(precision >= target_precision)
+        if good.size:
+            result[level] = float(pairs[good[-1]][0])
+    return result
+
+
+class Reclassifier:
+    """Runs stages 1-5 over a finished pass 1 and adds `reclassification` objects to the predictions."""
+
+    def __init__(self, bundle: Bundle, config: StageConfig = StageConfig(), *, centroids: str = "dump",
+                 country: Optional[str] = None, admin1_region: Optional[str] = None, enable_geofence: bool = True,
+                 target_precision: Optional[float] = None, device: str = "cpu") -> None:
+        if centroids not in CENTROID_SOURCES:
+            raise ValueError(f"--centroids must be one of {', '.join(CENTROID_SOURCES)}, got {centroids!r}")
+        if centroids != "dump" and "centroids" not in bundle.manifest["files"]:
+            raise ValueError(f"{bundle.root}: --centroids {centroids} needs a bundle with a centroid file "
+                             "(trapedge fit)")
+        from .embed import head_backend, load_prompts
+
+        self.bundle = bundle
+        self.config = config
+        self.centroid_source = centroids
+        self.country, self.admin1_region, self.enable_geofence = country, admin1_region, enable_geofence
+        self.target_precision = target_precision
+        self.taxonomy_map = load_taxonomy(bundle.file("taxonomy"))
+        self.geofence_map = load_geofence(bundle.file("geofence"))
+        self.head = head_backend(bundle, device)
+        self.prompts, self.bird_rows = load_prompts(bundle)
+        self.timer = StageTimer()
+        self.summary: dict[str, int] = {}
+
+    def allowed(self, label: str) -> bool:
+        """True when the geofence allows this taxon here."""
+        return not should_geofence_animal_classification(label, self.country, self.admin1_region,
+                                                         self.geofence_map, self.enable_geofence)
+
+    def run(self, predictions: list[dict], table: EmbeddingTable) -> dict[str, int]:
+        """Adds `reclassification` to every detection a stage touched; returns counts per stage."""
+        from .embed import apply_head
+
+        rows = {(fp, int(d)): i for i, (fp, d) in enumerate(zip(table.filepaths, table.detections))}
+        dets, vec_rows = [], []
+        for pred in predictions:
+            for idx, det in enumerate(pred.get("detections") or []):
+                det.pop("reclassification", None)
+                processed = det.get("processed_classification")
+                key = (pred["filepath"], idx)
+                if processed and needs_embedding(processed["class"]) and key in rows:
+                    dets.append(det)
+                    vec_rows.append(rows[key])
+        counts = {"accept": 0, "birds": 0, "score": 0, "candidates": 0}
+        if not dets:
+            self.summary = counts
+            return counts
+        raw = table.vectors[np.asarray(vec_rows)]
+        with self.timer.stage("head"):
+            projected = apply_head(raw, self.head)
+        labels = [d["processed_classification"]["class"] for d in dets]
+        scores = np.array([d["processed_classification"]["score"] for d in dets])
+        sources = [d["processed_classification"]["source"] for d in dets]
+        conf = np.array([d["conf"] for d in dets])
+
+        with self.timer.stage("accept"):
+            refs = accept(labels, scores, sources, self.config)
+        for i in np.flatnonzero(refs):
+            dets[i]["reclassification"] = {"class": labels[i], "level": "species", "stage": "accept",
+                                           "score": float(scores[i]), "threshold": self.config.tau_accept,
+                                           "original": labels[i]}
+        counts["accept"] = int(refs.sum())
+
+        with self.timer.stage("birds"):
+            bird_label = self.taxonomy_map.get("aves;;;;")
+            top = [d.get("raw_classifications", {}) for d in dets]
+            aves = aves_mass([t.get("classes", []) for t in top], [t.get("scores", []) for t in top])
+            prompt_prob = None
+            if self.prompts is not None and self.bundle.manifest.get("embedding", {}).get("model") != "classifier":
+                prompt_prob = bird_probability(_normalise(raw), self.prompts, self.bird_rows)
+            bird_mask = birds(labels, conf, aves, prompt_prob, self.config) if bird_label else np.zeros(len(dets), bool)
+        working = list(labels)
+        for i in np.flatnonzero(bird_mask):
+            working[i] = bird_label
+            dets[i]["reclassification"] = {
+                "class": bird_label, "level": "class", "stage": "birds", "original": labels[i],
+                "aves_score": float(aves[i]), "aves_threshold": self.config.bird_aves_mass,
+                "bird_prompt": None if prompt_prob is None else float(prompt_prob[i]),
+                "bird_prompt_threshold": None if prompt_prob is None else self.config.bird_prompt}
+        counts["birds"] = int(bird_mask.sum())
+
+        with self.timer.stage("centroids"):
+            cents = self._centroids(projected[refs], [labels[i] for i in np.flatnonzero(refs)])
+            thresholds = None
+            if self.target_precision is not None and refs.sum() >= 2 * self.config.n_min:
+                per_level = calibrate_thresholds(projected[refs], [labels[i] for i in np.flatnonzero(refs)],
+                                                 self.taxonomy_map, self.config, self.target_precision)
+                thresholds = {lab: per_level.get(lev, -1.0) for lab, lev in zip(cents.labels, cents.levels)}
+        candidates = np.array([(label_depth(w) < 5 or w == Classification.BLANK) and not refs[i]
+                               for i, w in enumerate(working)], dtype=bool)
+        counts["candidates"] = int(candidates.sum())
+        with self.timer.stage("score"):
+            idx = np.flatnonzero(candidates)
+            decisions = score(projected[idx], [working[i] for i in idx], conf[idx], cents, self.allowed,
+                              self.config, thresholds) if len(cents) and idx.size else []
+        for i, decision in zip(idx, decisions):
+            if decision is None:
+                continue
+            out = decision.to_dict()
+            out["class"] = out.pop("label")
+            out["original"] = labels[i]
+            if bird_mask[i]:
+                out["via"] = "birds"
+            dets[i]["reclassification"] = out
+            counts["score"] += 1
+        self.summary = counts
+        return counts
+
+    def _centroids(self, vectors: np.ndarray, labels: list[str]) -> Centroids:
+        if self.centroid_source == "dump":
+            return build_centroids(vectors, labels, self.taxonomy_map, self.config)
+        shipped = Centroids.load(self.bundle.file("centroids"))
+        if self.centroid_source == "bundle":
+            return shipped
+        mine = build_centroids(vectors, labels, self.taxonomy_map, self.config)
+        keep = [i for i, lab in enumerate(shipped.labels) if lab not in mine.index]
+        return Centroids(mine.labels + [shipped.labels[i] for i in keep],
+                         mine.levels + [shipped.levels[i] for i in keep],
+                         np.concatenate([mine.vectors, shipped.vectors[keep]]) if keep else mine.vectors,
+                         np.concatenate([mine.counts, shipped.counts[keep]]),
+                         np.concatenate([mine.mean_distance, shipped.mean_distance[keep]]),
+                         np.concatenate([mine.std_distance, shipped.std_distance[keep]]))
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

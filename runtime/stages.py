@@ -1,0 +1,355 @@
+"""The five re-classification stages as pure functions over arrays (stage 4, the head, runs in `embed`).
+
+Defaults are ours: the paper (arXiv 2510.14594) does not publish its thresholds. Every one is in
+`StageConfig`, recorded in the bundle manifest and overridable by a config file and CLI flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .ensemble import Classification
+from .ensemble.taxonomy import LEVELS, get_ancestor_at_level, split_label
+
+__all__ = [
+    "Centroids",
+    "Decision",
+    "StageConfig",
+    "accept",
+    "aves_mass",
+    "bird_probability",
+    "birds",
+    "build_centroids",
+    "is_descendant",
+    "label_depth",
+    "needs_embedding",
+    "score",
+]
+
+SCORING = ("cosine", "mahalanobis")
+_DEPTH = {"kingdom": 0, "class": 1, "order": 2, "family": 3, "genus": 4, "species": 5}
+_AVES_CLASS_KEY = "aves;;;;"
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Every threshold of the five stages (defaults are trapedge's own, measured in benchmarks/).
+
+    Attributes:
+        tau_accept: stage 1, a species-level classifier label at or above this is a reference.
+        accept_sources: stage 1, SpeciesNet prediction sources whose labels may be references.
+        bird_prompt: stage 2, encoder bird-prompt probability (softmax over prompts) at or above this...
+        bird_aves_mass: stage 2, ...or SpeciesNet's summed top-5 aves score at or above this, recovers a bird.
+        bird_min_conf: stage 2, detector confidence a blank needs before it can become a bird.
+        n_min: stage 3, references a label needs for its own centroid.
+        lam: stage 5, adaptive threshold = mean + lam * std of the centroid's reference distances...
+        t_min: stage 5, ...clipped below at this...
+        t_max: stage 5, ...and above at this (cosine distance; Mahalanobis uses its own scale).
+        margin: stage 5, the runner-up must be at least this much farther than the winner.
+        blank_floor: stage 5, a blank needs this detector confidence before it can become an animal.
+        levels: stage 5, the levels tried, most specific first.
+        scoring: "cosine" (the paper) or "mahalanobis" (per-class covariance with shrinkage).
+        shrinkage: Mahalanobis covariance shrinkage towards the pooled covariance (0..1).
+        mahalanobis_t_max: upper clip of the Mahalanobis threshold (squared distance per dimension).
+    """
+
+    tau_accept: float = 0.8
+    accept_sources: tuple[str, ...] = ("classifier",)
+    bird_prompt: float = 0.6
+    bird_aves_mass: float = 0.5
+    bird_min_conf: float = 0.1
+    n_min: int = 3
+    lam: float = 2.0
+    t_min: float = 0.02
+    t_max: float = 0.5
+    margin: float = 0.02
+    blank_floor: float = 0.2
+    levels: tuple[str, ...] = ("species", "genus", "family", "order")
+    scoring: str = "cosine"
+    shrinkage: float = 0.5
+    mahalanobis_t_max: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.scoring not in SCORING:
+            raise ValueError(f"scoring must be one of {SCORING}, got {self.scoring!r}")
+        unknown = set(self.levels) - set(_DEPTH)
+        if unknown:
+            raise ValueError(f"unknown taxonomic levels {sorted(unknown)}")
+        if not 0 <= self.shrinkage <= 1:
+            raise ValueError(f"shrinkage must be within [0, 1], got {self.shrinkage}")
+
+    def to_dict(self) -> dict:
+        """Plain dict (for the manifest and the run record)."""
+        out = asdict(self)
+        out["accept_sources"] = list(self.accept_sources)
+        out["levels"] = list(self.levels)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> StageConfig:
+        """Builds a config from a dict, refusing unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown stage settings: {', '.join(sorted(unknown))}")
+        clean = dict(values)
+        for key in ("accept_sources", "levels"):
+            if key in clean:
+                clean[key] = tuple(clean[key])
+        return cls(**clean)
+
+
+def label_depth(label: str) -> int:
+    """0 for animal (kingdom) up to 5 for species; -1 for labels outside the tree (blank, vehicle...)."""
+    ranks = split_label(label)[1:6]
+    depth = 0
+    for i, rank in enumerate(ranks):
+        if rank:
+            depth = i + 1
+    if depth == 0 and label != Classification.ANIMAL:
+        return -1
+    return depth
+
+
+def needs_embedding(label: str) -> bool:
+    """Labels stages 1-5 work on: animals (as references or coarse candidates) and blanks; never people."""
+    return label == Classification.BLANK or (label_depth(label) >= 0 and label != Classification.HUMAN)
+
+
+def _ranks(label: str) -> list[str]:
+    return split_label(label)[1:6]
+
+
+def is_descendant(label: str, ancestor: str) -> bool:
+    """True when `label` sits strictly below `ancestor` (blank and animal count as the root)."""
+    depth = label_depth(ancestor)
+    if ancestor == Classification.BLANK:
+        depth = 0
+    if depth < 0 or label_depth(label) <= depth:
+        return False
+    return _ranks(label)[:depth] == _ranks(ancestor)[:depth]
+
+
+def accept(labels: Sequence[str], scores: np.ndarray, sources: Sequence[str], config: StageConfig) -> np.ndarray:
+    """Stage 1: mask of confident species-level classifier labels (the references)."""
+    return np.array(
+        [label_depth(lab) == 5 and s >= config.tau_accept and src in config.accept_sources
+         for lab, s, src in zip(labels, scores, sources)],
+        dtype=bool,
+    )
+
+
+def aves_mass(top_classes: Sequence[Sequence[str]], top_scores: Sequence[Sequence[float]]) -> np.ndarray:
+    """SpeciesNet's summed score of labels in class aves, per detection (from its top-5)."""
+    return np.array(
+        [sum(s for c, s in zip(classes, scores) if _ranks(c)[0] == "aves")
+         for classes, scores in zip(top_classes, top_scores)],
+        dtype=np.float64,
+    )
+
+
+def bird_probability(embeddings: np.ndarray, prompts: np.ndarray, bird_rows: Sequence[int],
+                     temperature: float = 100.0) -> np.ndarray:
+    """CLIP zero-shot: softmax over prompt similarities, summed over the bird prompts."""
+    logits = temperature * (embeddings @ prompts.T)
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    return probs[:, list(bird_rows)].sum(axis=1)
+
+
+def birds(labels: Sequence[str], det_conf: np.ndarray, aves: np.ndarray, prompt_prob: Optional[np.ndarray],
+          config: StageConfig) -> np.ndarray:
+    """Stage 2: mask of blank or animal detections whose bird evidence passes its threshold."""
+    coarse = np.array([lab in (Classification.BLANK, Classification.ANIMAL) for lab in labels], dtype=bool)
+    evidence = aves >= config.bird_aves_mass
+    if prompt_prob is not None:
+        evidence |= prompt_prob >= config.bird_prompt
+    return coarse & evidence & (det_conf >= config.bird_min_conf)
+
+
+@dataclass
+class Centroids:
+    """Stage 3: one L2-normalised centroid per label and ancestor, with its reference-distance spread."""
+
+    labels: list[str]
+    levels: list[str]
+    vectors: np.ndarray
+    counts: np.ndarray
+    mean_distance: np.ndarray
+    std_distance: np.ndarray
+    precisions: Optional[np.ndarray] = None
+    mahalanobis_mean: Optional[np.ndarray] = None
+    mahalanobis_std: Optional[np.ndarray] = None
+    index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.index = {label: i for i, label in enumerate(self.labels)}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def save(self, path) -> None:
+        """Writes an .npz loadable with allow_pickle=False."""
+        arrays = dict(labels=np.array(self.labels, dtype=str), levels=np.array(self.levels, dtype=str),
+                      vectors=self.vectors.astype(np.float32), counts=self.counts.astype(np.int64),
+                      mean_distance=self.mean_distance, std_distance=self.std_distance)
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path) -> Centroids:
+        """Reads a centroid file written by `save` (never unpickles)."""
+        with np.load(path, allow_pickle=False) as data:
+            return cls(list(data["labels"]), list(data["levels"]), data["vectors"], data["counts"],
+                       data["mean_distance"], data["std_distance"])
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _lineage(label: str, taxonomy_map: dict) -> list[tuple[str, str]]:
+    """(level, label) for the label itself and each ancestor the taxonomy knows, species first."""
+    out = []
+    for level in ("species", "genus", "family", "order", "class"):
+        ancestor = get_ancestor_at_level(label, level, taxonomy_map)
+        if ancestor:
+            out.append((level, ancestor))
+    if not out or out[0][1] != label:
+        depth = label_depth(label)
+        if depth > 0:
+            out.insert(0, (LEVELS[5 - depth], label))
+    return out
+
+
+def build_centroids(embeddings: np.ndarray, labels: Sequence[str], taxonomy_map: dict,
+                    config: StageConfig) -> Centroids:
+    """Stage 3: centroids for every label with >= n_min references; ancestors pool their descendants."""
+    vectors = _normalise(np.asarray(embeddings, dtype=np.float64))
+    members: dict[str, list[int]] = {}
+    level_of: dict[str, str] = {}
+    for i, label in enumerate(labels):
+        for level, node in _lineage(label, taxonomy_map):
+            members.setdefault(node, []).append(i)
+            level_of[node] = level
+    keep = sorted(node for node, rows in members.items() if len(rows) >= config.n_min)
+    dim = vectors.shape[1] if vectors.ndim == 2 else 0
+    cents = np.zeros((len(keep), dim))
+    counts = np.zeros(len(keep), dtype=np.int64)
+    mean_d = np.zeros(len(keep))
+    std_d = np.zeros(len(keep))
+    for k, node in enumerate(keep):
+        rows = vectors[members[node]]
+        c = _normalise(rows.mean(axis=0))
+        d = 1.0 - rows @ c
+        cents[k], counts[k], mean_d[k], std_d[k] = c, len(rows), d.mean(), d.std()
+    result = Centroids(keep, [level_of[n] for n in keep], cents, counts, mean_d, std_d)
+    if config.scoring == "mahalanobis" and keep:
+        _fit_mahalanobis(result, vectors, members, config)
+    return result
+
+
+def _fit_mahalanobis(cents: Centroids, vectors: np.ndarray, members: dict[str, list[int]],
+                     config: StageConfig) -> None:
+    """Per-class covariance shrunk towards the pooled within-class covariance; distances per dimension."""
+    dim = vectors.shape[1]
+    pooled = np.zeros((dim, dim))
+    total = 0
+    for node in cents.labels:
+        rows = vectors[members[node]] - cents.vectors[cents.index[node]]
+        pooled += rows.T @ rows
+        total += len(rows)
+    pooled = pooled / max(total, 1) + 1e-4 * np.eye(dim)
+    precisions, means, stds = [], [], []
+    for node in cents.labels:
+        rows = vectors[members[node]] - cents.vectors[cents.index[node]]
+        own = rows.T @ rows / max(len(rows), 1)
+        cov = (1 - config.shrinkage) * own + config.shrinkage * pooled
+        precision = np.linalg.inv(cov + 1e-6 * np.eye(dim))
+        d = np.einsum("ij,jk,ik->i", rows, precision, rows) / dim
+        precisions.append(precision)
+        means.append(d.mean())
+        stds.append(d.std())
+    cents.precisions = np.stack(precisions)
+    cents.mahalanobis_mean = np.array(means)
+    cents.mahalanobis_std = np.array(stds)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What stage 5 (or 2) did to one detection, for the `reclassification` output object."""
+
+    label: str
+    level: str
+    stage: str
+    distance: float
+    threshold: float
+    runner_up: Optional[str]
+    margin: Optional[float]
+    original: str
+    scoring: str
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def _distances(x: np.ndarray, cents: Centroids, rows: np.ndarray, config: StageConfig) -> np.ndarray:
+    if config.scoring == "cosine":
+        return 1.0 - cents.vectors[rows] @ x
+    diff = x[None, :] - cents.vectors[rows]
+    return np.einsum("kj,kjl,kl->k", diff, cents.precisions[rows], diff) / x.shape[0]
+
+
+def _thresholds(cents: Centroids, rows: np.ndarray, config: StageConfig) -> np.ndarray:
+    if config.scoring == "cosine":
+        return np.clip(cents.mean_distance[rows] + config.lam * cents.std_distance[rows], config.t_min, config.t_max)
+    return np.clip(cents.mahalanobis_mean[rows] + config.lam * cents.mahalanobis_std[rows], 0.0,
+                   config.mahalanobis_t_max)
+
+
+def score(embeddings: np.ndarray, labels: Sequence[str], det_conf: np.ndarray, cents: Centroids,
+          allowed: Callable[[str], bool], config: StageConfig,
+          thresholds: Optional[dict[str, float]] = None) -> list[Optional[Decision]]:
+    """Stage 5: rolls each coarse detection down to the nearest allowed descendant centroid that passes.
+
+    Levels are tried most specific first; a level passes when its nearest centroid is within that
+    centroid's adaptive threshold and beats the level's runner-up by the margin. Never less specific than
+    the original label, never a geofence-blocked taxon, never a blank below the detector floor. `thresholds`
+    (label -> distance) overrides the adaptive ones, e.g. calibrated to a target precision.
+    """
+    x_all = _normalise(np.asarray(embeddings, dtype=np.float64))
+    levels = np.array(cents.levels)
+    permitted = np.array([allowed(label) for label in cents.labels], dtype=bool)
+    adaptive = _thresholds(cents, np.arange(len(cents)), config) if len(cents) else np.zeros(0)
+    if thresholds:
+        adaptive = np.array([thresholds.get(lab, t) for lab, t in zip(cents.labels, adaptive)])
+    cache: dict[str, np.ndarray] = {}
+    decisions: list[Optional[Decision]] = []
+    for x, original, conf in zip(x_all, labels, det_conf):
+        if original == Classification.BLANK and conf < config.blank_floor:
+            decisions.append(None)
+            continue
+        if original not in cache:
+            cache[original] = np.array([is_descendant(lab, original) for lab in cents.labels], dtype=bool) & permitted
+        candidates = cache[original]
+        decision = None
+        for level in config.levels:
+            rows = np.flatnonzero(candidates & (levels == level))
+            if rows.size == 0:
+                continue
+            d = _distances(x, cents, rows, config)
+            order = np.argsort(d, kind="stable")
+            best = rows[order[0]]
+            runner = rows[order[1]] if rows.size > 1 else None
+            gap = float(d[order[1]] - d[order[0]]) if runner is not None else None
+            if d[order[0]] <= adaptive[best] and (gap is None or gap >= config.margin):
+                decision = Decision(cents.labels[best], level, "score", float(d[order[0]]), float(adaptive[best]),
+                                    cents.labels[runner] if runner is not None else None, gap, original,
+                                    config.scoring)
+                break
+        decisions.append(decision)
+    return decisions
