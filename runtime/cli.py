@@ -215,6 +215,22 @@ def _summary(results: list, runner: Runner, seconds: float, out: Path) -> None:
     console.print(timing)
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    outdir: Path = typer.Argument(..., exists=True, file_okay=False, help="Output folder of a finished run."),
+    truth: Path = typer.Option(..., exists=True, dir_okay=False, help="CSV: filepath, detection, label."),
+) -> None:
+    """Score a run's re-classifications against ground truth (the paper's metrics); writes JSON and Markdown."""
+    from .evaluate import evaluate, load_truth, write_report
+
+    try:
+        document = json.loads((outdir / "predictions.json").read_text(encoding="utf-8"))
+        result = evaluate(document["predictions"], load_truth(truth))
+    except (ValueError, OSError, KeyError) as e:
+        _fail(str(e))
+    print(write_report(result, outdir).read_text())
+
+
 @app.command("check-bundle")
 def check_bundle(bundle: Path = typer.Argument(..., help="Artifact bundle folder.")) -> None:
     """Validate a bundle (manifest, hashes, label count) and print what it holds."""
