@@ -19,7 +19,10 @@ from .backends import DEVICES, BackendError
 from .bundle import Bundle, BundleError
 from .formats import write_images_csv, write_predictions_json
 from .ingest import scan
+from .bench import StageTimer
+from .bundle import sha256_file
 from .pipeline import RunOptions, Runner
+from .store import STORE_NAME, Store
 from .reclassify import CENTROID_SOURCES, EmbeddingTable, Reclassifier
 from .stages import SCORING, StageConfig
 
@@ -30,6 +33,7 @@ export_app = typer.Typer(help="Convert models to a trapedge artifact bundle (nee
 app.add_typer(export_app, name="export")
 
 console = Console(stderr=True)
+logger = logging.getLogger("trapedge")
 
 
 def _fail(message: str) -> None:
@@ -108,40 +112,103 @@ def run(
     except (BundleError, BackendError, ValueError) as e:
         _fail(str(e))
     out.mkdir(parents=True, exist_ok=True)
+    _log_to(out)
+    try:
+        store = _open_store(out, loaded, dump)
+    except ValueError as e:
+        _fail(str(e))
     if not quiet:
         for name, used in providers.items():
             console.print(f"{name}: {', '.join(used)}", highlight=False)
     records = list(scan(dump))
+    diff = store.diff(records)
+    done = len(records) - len(diff.todo)
+    if not quiet and (done or diff.vanished):
+        console.print(f"Continuing in {out}: {done} of {len(records)} images already done, "
+                      f"{len(diff.changed)} changed, {len(diff.vanished)} vanished", highlight=False)
+    for key in diff.vanished:
+        logger.warning("%s: vanished from the dump since the last run; its results are kept", key)
     started = time.perf_counter()
     results = []
     progress = Progress(TextColumn("[bold]images"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
                         console=console, disable=quiet)
     with progress:
-        task = progress.add_task("run", total=len(records), rate="")
-        for result in runner.process(records, dump):
+        task = progress.add_task("run", total=len(diff.todo), rate="")
+        for result in runner.process(diff.todo, dump):
+            with runner.timer.stage("store"):
+                store.put(result)
+            result.features.clear()
             results.append(result)
             elapsed = time.perf_counter() - started
             progress.update(task, advance=1, rate=f"{len(results) / elapsed:.2f} img/s")
-    predictions = [r.prediction for r in results]
-    table = EmbeddingTable.from_results(results, runner.embedder.section["backbone"] if runner.embedder else "")
-    with runner.timer.stage("store"):
-        table.save(out / "embeddings.npz")
+    predictions = _finish(store, dump, out, loaded, reclassifier, runner.timer)
+    if not quiet:
+        _summary(predictions, store.images(dump), results, runner, time.perf_counter() - started, out, reclassifier)
+    store.close()
+
+
+def _log_to(out: Path) -> None:
+    handler = logging.FileHandler(out / "trapedge.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("trapedge").addHandler(handler)
+    logging.getLogger("trapedge").setLevel(logging.INFO)
+
+
+def _open_store(out: Path, bundle: Bundle, dump: Path) -> Store:
+    store = Store(out / STORE_NAME)
+    fingerprint = sha256_file(bundle.root / "manifest.json")
+    previous = store.get_meta("bundle_manifest_sha256")
+    if previous is not None and previous != fingerprint and store.count():
+        store.close()
+        raise ValueError(f"{out}: holds results from another bundle; use a new --out folder")
+    store.set_meta("bundle_manifest_sha256", fingerprint)
+    store.set_meta("dump_root", str(Path(dump).resolve()))
+    return store
+
+
+def _finish(store: Store, dump: Path, out: Path, bundle: Bundle, reclassifier: Optional[Reclassifier],
+            timer) -> list[dict]:
+    """Pass 2 over everything in the store, then every output written from the store."""
+    predictions = store.predictions(dump)
     if reclassifier is not None:
-        reclassifier.run(predictions, table)
+        paths, dets, vectors = store.embeddings(dump)
+        reclassifier.run(predictions, EmbeddingTable(paths, dets, vectors))
         for name, samples in reclassifier.timer.samples.items():
             for value in samples:
-                runner.timer.add(name, value)
-    with runner.timer.stage("write"):
-        write_predictions_json(out / "predictions.json", predictions, _info(loaded, reclassifier))
-        write_images_csv(out / "images.csv", (
-            {"key": r.record.key, "filepath": r.prediction["filepath"], "width": r.width,
-             "height": r.height, "captured": r.captured, "status": r.status,
-             "reason": r.error or "; ".join(r.warnings)} for r in results))
-    if not quiet:
-        _summary(results, runner, time.perf_counter() - started, out)
-        if reclassifier is not None:
-            console.print(f"re-classification: {reclassifier.summary}", highlight=False)
+                timer.add(name, value)
+        with timer.stage("store"):
+            store.save_predictions(predictions, dump)
+    with timer.stage("write"):
+        write_predictions_json(out / "predictions.json", predictions, _info(bundle, reclassifier))
+        write_images_csv(out / "images.csv", store.images(dump))
+    return predictions
+
+
+def _summary(predictions: list, images: list, results: list, runner: Runner, seconds: float, out: Path,
+             reclassifier: Optional[Reclassifier]) -> None:
+    detections = [d for p in predictions for d in p.get("detections", [])]
+    labels = Counter((d.get("reclassification") or d["processed_classification"])["class"].split(";")[-1]
+                     for d in detections if "processed_classification" in d)
+    failed = [i for i in images if i["status"] == "failed"]
+    console.print(f"{len(results)} images processed in {seconds:.1f} s "
+                  f"({len(results) / max(seconds, 1e-9):.2f} img/s); {len(images)} in the results, "
+                  f"{len(detections)} detections, {len(failed)} failed; wrote {out / 'predictions.json'}",
+                  highlight=False)
+    reasons = Counter(i["reason"].split(":")[0] for i in failed)
+    for reason, count in reasons.most_common():
+        console.print(f"  failed ({count}): {reason}", highlight=False)
+    if labels:
+        table = Table("label", "detections", title="Labels (after re-classification)")
+        for label, count in labels.most_common(15):
+            table.add_row(label, str(count))
+        console.print(table)
+    if reclassifier is not None:
+        console.print(f"re-classification: {reclassifier.summary}", highlight=False)
+    timing = Table("stage", "count", "mean ms", "p95 ms", "total ms", title="Per-stage time")
+    for stage, s in runner.timer.summary().items():
+        timing.add_row(stage, str(s["count"]), f"{s['mean_ms']:.1f}", f"{s['p95_ms']:.1f}", f"{s['total_ms']:.0f}")
+    console.print(timing)
 
 
 def _stage_config(bundle: Bundle, path: Optional[Path], **overrides) -> StageConfig:
@@ -185,34 +252,16 @@ def reclassify_cmd(
         config = _stage_config(loaded, stages_config, scoring=scoring)
         reclassifier = Reclassifier(loaded, config, centroids=centroids, country=country, admin1_region=admin1,
                                     enable_geofence=geofence, target_precision=target_precision)
-        document = json.loads((outdir / "predictions.json").read_text(encoding="utf-8"))
-        table = EmbeddingTable.load(outdir / "embeddings.npz")
+        if not (outdir / STORE_NAME).is_file():
+            raise ValueError(f"{outdir}: no {STORE_NAME}; run `trapedge run` first")
+        store = Store(outdir / STORE_NAME)
     except (BundleError, BackendError, ValueError, OSError) as e:
         _fail(str(e))
-    counts = reclassifier.run(document["predictions"], table)
-    write_predictions_json(outdir / "predictions.json", document["predictions"], _info(loaded, reclassifier))
+    dump = Path(store.get_meta("dump_root") or outdir)
+    _finish(store, dump, outdir, loaded, reclassifier, StageTimer())
+    store.close()
+    counts = reclassifier.summary
     console.print(f"re-classification: {counts}", highlight=False)
-
-
-def _summary(results: list, runner: Runner, seconds: float, out: Path) -> None:
-    detections = [d for r in results for d in r.prediction.get("detections", [])]
-    labels = Counter(d["processed_classification"]["class"].split(";")[-1]
-                     for d in detections if "processed_classification" in d)
-    failed = [r for r in results if r.error]
-    console.print(f"{len(results)} images in {seconds:.1f} s ({len(results) / max(seconds, 1e-9):.2f} img/s), "
-                  f"{len(detections)} detections, {len(failed)} failed; wrote {out / 'predictions.json'}",
-                  highlight=False)
-    for r in failed:
-        console.print(f"  failed: {r.record.key}: {r.error}", highlight=False)
-    if labels:
-        table = Table("label", "detections", title="Labels")
-        for label, count in labels.most_common(15):
-            table.add_row(label, str(count))
-        console.print(table)
-    timing = Table("stage", "count", "mean ms", "p95 ms", "total ms", title="Per-stage time")
-    for stage, s in runner.timer.summary().items():
-        timing.add_row(stage, str(s["count"]), f"{s['mean_ms']:.1f}", f"{s['p95_ms']:.1f}", f"{s['total_ms']:.0f}")
-    console.print(timing)
 
 
 @app.command("evaluate")

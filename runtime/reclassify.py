@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -32,40 +30,6 @@ class EmbeddingTable:
     detections: np.ndarray
     vectors: np.ndarray
     backbone: str = "speciesnet"
-
-    def save(self, path: Path) -> None:
-        """Writes an .npz atomically (loadable with allow_pickle=False)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-        os.close(fd)
-        try:
-            np.savez(tmp, filepaths=np.array(self.filepaths, dtype=str), detections=self.detections,
-                     vectors=self.vectors.astype(np.float32), backbone=np.array(self.backbone))
-            with open(tmp, "rb+") as fp:
-                os.fsync(fp.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    @classmethod
-    def load(cls, path: Path) -> EmbeddingTable:
-        """Reads a table written by `save`."""
-        with np.load(path, allow_pickle=False) as data:
-            return cls(list(data["filepaths"]), data["detections"], data["vectors"], str(data["backbone"]))
-
-    @classmethod
-    def from_results(cls, results: Sequence, backbone: str) -> EmbeddingTable:
-        """Collects pass-1 embeddings from pipeline results."""
-        paths, dets, vecs = [], [], []
-        for r in results:
-            for idx, v in sorted(r.embeddings.items()):
-                paths.append(r.prediction["filepath"])
-                dets.append(idx)
-                vecs.append(v)
-        dim = len(vecs[0]) if vecs else 0
-        return cls(paths, np.asarray(dets, dtype=np.int64),
-                   np.asarray(vecs, dtype=np.float32).reshape(len(vecs), dim), backbone)
 
 
 def calibrate_thresholds(vectors: np.ndarray, labels: Sequence[str], taxonomy_map: dict, config: StageConfig,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 import csv
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ import test_stages as ts
 from test_end_to_end import run_cli
 from trapedge.runtime.bundle import Bundle, sha256_file
 from trapedge.runtime.evaluate import evaluate
-from trapedge.runtime.formats import write_predictions_json
+from trapedge.runtime.store import STORE_NAME, Store
 from trapedge.runtime.reclassify import EmbeddingTable, Reclassifier
 from trapedge.runtime.stages import StageConfig
 
@@ -115,13 +116,26 @@ def test_target_precision_calibration_runs(tmp_path: Path) -> None:
             assert rec["distance"] <= rec["threshold"]
 
 
+def fill_store(path: Path, predictions: list[dict], table: EmbeddingTable, root: Path) -> None:
+    """Writes fabricated pass-1 results into a results store, as `trapedge run` would."""
+    store = Store(path)
+    store.set_meta("dump_root", str(root))
+    for pred in predictions:
+        key = Path(pred["filepath"]).relative_to(root).as_posix()
+        embeddings = {int(d): v for fp, d, v in zip(table.filepaths, table.detections, table.vectors)
+                      if fp == pred["filepath"]}
+        store.put(SimpleNamespace(record=SimpleNamespace(key=key, size=1, mtime_ns=1), prediction=pred,
+                                  status="ok", width=100, height=100, captured=None, error=None, warnings=[],
+                                  embeddings=embeddings))
+    store.close()
+
+
 def test_reclassify_and_evaluate_commands(tmp_path: Path) -> None:
     predictions, table, truth = scenario()
     bundle = make_bundle(tmp_path / "b")
     out = tmp_path / "out"
     out.mkdir()
-    write_predictions_json(out / "predictions.json", predictions)
-    table.save(out / "embeddings.npz")
+    fill_store(out / STORE_NAME, predictions, table, Path("/card"))
     proc = run_cli("reclassify", str(out), "--bundle", str(bundle), "--scoring", "cosine")
     assert "'score': 3" in proc.stderr
     document = json.loads((out / "predictions.json").read_text())
