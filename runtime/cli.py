@@ -112,6 +112,8 @@ def run(
     except (BundleError, BackendError, ValueError) as e:
         _fail(str(e))
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):
+        stale.unlink()  # left by a write that a power cut interrupted; the real file is intact
     _log_to(out)
     try:
         store = _open_store(out, loaded, dump)

@@ -24,6 +24,7 @@ from .ensemble import (
     Failure,
 )
 from .embed import Embedder
+from .faults import checkpoint
 from .ingest import DecodedImage, ImageRecord, decode
 from .stages import needs_embedding
 
@@ -162,6 +163,7 @@ class Runner:
         for shape, group in by_shape.items():
             for i in range(0, len(group), batch):
                 part = group[i : i + batch]
+                checkpoint("detect")
                 with self.timer.stage("detect"):
                     (raw,) = self.detector.run(
                         {"images": det_ops.to_network_input([w.boxed for w in part])}, ["predictions"]

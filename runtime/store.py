@@ -11,6 +11,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from .faults import checkpoint
+
 __all__ = ["STORE_NAME", "ScanDiff", "Store"]
 
 STORE_NAME = "results.sqlite"
@@ -107,6 +109,7 @@ class Store:
                 "INSERT INTO embeddings (key, detection, vector) VALUES (?, ?, ?)",
                 [(record.key, int(i), np.asarray(v, dtype=np.float32).tobytes())
                  for i, v in sorted(result.embeddings.items())])
+            checkpoint("commit")
 
     def predictions(self, root: Path) -> list[dict]:
         """Every stored prediction in key order, with `filepath` under the dump's current root."""

@@ -1,0 +1,94 @@
+"""Kill -9 at several points and resume: the final outputs equal an uninterrupted run's; re-dumped cards."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_end_to_end import lean_env
+
+
+def _run(dump: Path, bundle: Path, out: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = lean_env()
+    env.pop("TRAPEDGE_KILL_AT", None)
+    if kill_at:
+        env["TRAPEDGE_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "trapedge.runtime.cli", "run", str(dump), "--bundle", str(bundle),
+                           "--out", str(out), "--device", "cpu", "--country", "USA"],
+                          capture_output=True, text=True, env=env)
+
+
+def _outputs(out: Path) -> tuple[list, list]:
+    predictions = json.loads((out / "predictions.json").read_text())["predictions"]
+    with open(out / "images.csv", newline="") as fp:
+        rows = list(csv.DictReader(fp))
+    return predictions, rows
+
+
+@pytest.fixture(scope="module")
+def card(tmp_path_factory, photos) -> Path:
+    root = tmp_path_factory.mktemp("card")
+    for i, p in enumerate(photos * 2):
+        folder = root / ("100MEDIA" if i < 10 else "101MEDIA")
+        folder.mkdir(exist_ok=True)
+        shutil.copy(p, folder / p.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(card: Path, bundle: Path, tmp_path_factory) -> tuple[list, list]:
+    out = tmp_path_factory.mktemp("reference")
+    proc = _run(card, bundle, out)
+    assert proc.returncode == 0, proc.stderr
+    return _outputs(out)
+
+
+@pytest.mark.parametrize("kill_at", ["detect:6", "commit:4", "commit:15", "export:1", "export:2"])
+def test_killed_run_resumes_to_the_same_result(kill_at: str, card: Path, bundle: Path, reference, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = _run(card, bundle, out, kill_at)
+    assert first.returncode == -9, first.stderr[-2000:]
+    if kill_at.startswith("export"):
+        assert not (out / "predictions.json").exists() or json.loads((out / "predictions.json").read_text())
+    second = _run(card, bundle, out)
+    assert second.returncode == 0, second.stderr[-2000:]
+    predictions, rows = _outputs(out)
+    assert predictions == reference[0]
+    assert rows == reference[1]
+    assert len({p["filepath"] for p in predictions}) == 20
+    assert not list(out.glob(".*.tmp"))
+    if not kill_at.startswith("detect"):
+        assert "already done" in second.stderr
+
+
+def test_redumped_card_adds_only_new_files(card: Path, bundle: Path, photos, tmp_path: Path) -> None:
+    dump = tmp_path / "card"
+    shutil.copytree(card, dump)
+    out = tmp_path / "out"
+    assert _run(dump, bundle, out).returncode == 0
+    extra = dump / "102MEDIA"
+    extra.mkdir()
+    for p in photos[:4]:
+        shutil.copy(p, extra / p.name)
+    changed = dump / "100MEDIA" / photos[0].name
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    (dump / "101MEDIA" / photos[1].name).unlink()
+    second = _run(dump, bundle, out)
+    assert second.returncode == 0
+    assert "18 of 23 images already done, 1 changed, 1 vanished" in " ".join(second.stderr.split())
+    predictions, rows = _outputs(out)
+    status = {r["key"]: r["status"] for r in rows}
+    assert status[f"101MEDIA/{photos[1].name}"] == "vanished"  # reported, not dropped
+    assert len(predictions) == 24 and sum(s == "vanished" for s in status.values()) == 1
+    fresh = tmp_path / "fresh"
+    assert _run(dump, bundle, fresh).returncode == 0
+    fresh_predictions, _ = _outputs(fresh)
+    kept = [p for p in predictions if not p["filepath"].endswith(f"101MEDIA/{photos[1].name}")]
+    assert kept == fresh_predictions
