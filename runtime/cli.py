@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
@@ -135,16 +136,21 @@ def run(
     progress = Progress(TextColumn("[bold]images"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
                         console=console, disable=quiet)
-    with progress:
-        task = progress.add_task("run", total=len(diff.todo), rate="")
-        for result in runner.process(diff.todo, dump):
-            with runner.timer.stage("store"):
-                store.put(result)
-            result.features.clear()
-            results.append(result)
-            elapsed = time.perf_counter() - started
-            progress.update(task, advance=1, rate=f"{len(results) / elapsed:.2f} img/s")
-    predictions = _finish(store, dump, out, loaded, reclassifier, runner.timer)
+    try:
+        with progress:
+            task = progress.add_task("run", total=len(diff.todo), rate="")
+            for result in runner.process(diff.todo, dump):
+                with runner.timer.stage("store"):
+                    store.put(result)
+                result.features.clear()
+                results.append(result)
+                elapsed = time.perf_counter() - started
+                progress.update(task, advance=1, rate=f"{len(results) / elapsed:.2f} img/s")
+        predictions = _finish(store, dump, out, loaded, reclassifier, runner.timer)
+    except (OSError, sqlite3.Error) as e:
+        store.close()
+        _fail(f"{out}: cannot write results ({e}); what was committed is kept: free space or fix the "
+              f"folder and run the same command again to resume")
     if not quiet:
         _summary(predictions, store.images(dump), results, runner, time.perf_counter() - started, out, reclassifier)
     store.close()

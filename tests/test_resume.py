@@ -92,3 +92,41 @@ def test_redumped_card_adds_only_new_files(card: Path, bundle: Path, photos, tmp
     fresh_predictions, _ = _outputs(fresh)
     kept = [p for p in predictions if not p["filepath"].endswith(f"101MEDIA/{photos[1].name}")]
     assert kept == fresh_predictions
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """A 400 KiB tmpfs for OUTDIR (skips where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here to fill a disk")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_full_disk_is_a_clear_error_and_resumable(card: Path, bundle: Path, reference, small_disk: Path) -> None:
+    out = small_disk / "out"
+    first = _run(card, bundle, out)
+    assert first.returncode == 1, first.stderr[-2000:]
+    message = first.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"Error: {out}: cannot write results") and ("No space left" in message or "disk is full" in message)
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    second = _run(card, bundle, out)
+    assert second.returncode == 0, second.stderr[-2000:]
+    predictions, rows = _outputs(out)
+    assert predictions == reference[0] and rows == reference[1]
+
+
+def test_read_only_dump_is_fine(card: Path, bundle: Path, reference, tmp_path: Path) -> None:
+    dump = tmp_path / "ro"
+    shutil.copytree(card, dump)
+    subprocess.run(["chmod", "-R", "a-w", str(dump)], check=True)
+    try:
+        proc = _run(dump, bundle, tmp_path / "out")
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(dump)], check=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    predictions, _ = _outputs(tmp_path / "out")
+    assert [p["detections"] for p in predictions] == [p["detections"] for p in reference[0]]
