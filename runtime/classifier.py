@@ -13,6 +13,7 @@ import numpy as np
 __all__ = [
     "CROP_SIZE",
     "crop_box",
+    "crop_region",
     "preprocess_crop",
     "resize_bilinear",
     "softmax",
@@ -27,6 +28,18 @@ def crop_box(height: int, width: int, bbox: Sequence[float]) -> tuple[int, int, 
     """Integer crop (top, left, crop_height, crop_width) SpeciesNet takes for a normalised box."""
     xmin, ymin, box_w, box_h = bbox
     return int(ymin * height), int(xmin * width), int(box_h * height), int(box_w * width)
+
+
+def crop_region(image: np.ndarray, bbox: Sequence[float]) -> Optional[np.ndarray]:
+    """SpeciesNet's integer crop of a box (zero-padded past the image edge, as torchvision crops); None if empty."""
+    height, width = image.shape[:2]
+    top, left, crop_h, crop_w = crop_box(height, width, bbox)
+    if crop_h <= 0 or crop_w <= 0:
+        return None
+    region = np.zeros((crop_h, crop_w, 3), dtype=np.uint8)
+    src = image[max(top, 0) : top + crop_h, max(left, 0) : left + crop_w]
+    region[max(-top, 0) : max(-top, 0) + src.shape[0], max(-left, 0) : max(-left, 0) + src.shape[1]] = src
+    return region
 
 
 def _axis_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -56,13 +69,9 @@ def preprocess_crop(image: np.ndarray, bbox: Sequence[float]) -> Optional[np.nda
     Returns None when the integer crop is empty (a box thinner than a pixel), where SpeciesNet 5.0.6
     raises and loses the batch.
     """
-    height, width = image.shape[:2]
-    top, left, crop_h, crop_w = crop_box(height, width, bbox)
-    if crop_h <= 0 or crop_w <= 0:
+    region = crop_region(image, bbox)
+    if region is None:
         return None
-    region = np.zeros((crop_h, crop_w, 3), dtype=np.uint8)
-    src = image[max(top, 0) : top + crop_h, max(left, 0) : left + crop_w]
-    region[max(-top, 0) : max(-top, 0) + src.shape[0], max(-left, 0) : max(-left, 0) + src.shape[1]] = src
     scaled = region.astype(np.float32) / np.float32(255)
     resized = resize_bilinear(scaled, CROP_SIZE, CROP_SIZE)
     return (resized * _UINT8_SCALE).astype(np.uint8)

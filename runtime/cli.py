@@ -288,6 +288,67 @@ def evaluate_cmd(
     print(write_report(result, outdir).read_text())
 
 
+@app.command("fit")
+def fit_cmd(
+    bundle: Path = typer.Argument(..., help="Artifact bundle folder to add the head and centroids to."),
+    run: Optional[Path] = typer.Option(None, "--run", exists=True, file_okay=False,
+                                       help="A finished run: its confident (stage 1) detections are the references."),
+    references: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                              help="CSV of labelled crops: filepath,label[,xmin,ymin,width,height]."),
+    mining: str = typer.Option("batch_hard", help="batch_hard or semi_hard."),
+    epochs: int = typer.Option(40, min=1),
+    out_dim: int = typer.Option(256, min=2),
+    margin: float = typer.Option(0.2, min=0.0),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the triplet head (stage 4) and write head.onnx and centroids.npz into the bundle (export extra)."""
+    try:
+        from trapedge.export.fit import HeadConfig, ReferenceSet, fit, references_from_csv
+    except ImportError as e:
+        _fail(f"fit needs the export extra (pip install 'trapedge[export]'): {e}")
+    if (run is None) == (references is None):
+        _fail("give exactly one of --run OUTDIR or --references CSV")
+    try:
+        loaded = Bundle.load(bundle)
+        config = _stage_config(loaded, None)
+        if references is not None:
+            from .embed import crop_embedder
+
+            refs = references_from_csv(references, crop_embedder(loaded))
+        else:
+            refs = ReferenceSet(*_run_references(run, config))
+        manifest = fit(bundle, refs, head=HeadConfig(mining=mining, epochs=epochs, out_dim=out_dim, margin=margin,
+                                                     seed=seed), stages=config, log=console.print)
+    except (BundleError, BackendError, ValueError, OSError) as e:
+        _fail(str(e))
+    console.print(f"head: {manifest['models']['head']['file']}, centroids: {manifest['files']['centroids']}",
+                  highlight=False)
+
+
+def _run_references(outdir: Path, config: StageConfig) -> tuple:
+    """Stage-1 references (embeddings, labels) of a finished run."""
+    import numpy as np
+
+    from .stages import accept
+
+    store = Store(outdir / STORE_NAME)
+    dump = Path(store.get_meta("dump_root") or outdir)
+    paths, dets, vectors = store.embeddings(dump)
+    rows = {(p, int(d)): i for i, (p, d) in enumerate(zip(paths, dets))}
+    picked, labels = [], []
+    for pred in store.predictions(dump):
+        for idx, det in enumerate(pred.get("detections") or []):
+            processed = det.get("processed_classification")
+            if processed and (pred["filepath"], idx) in rows and accept(
+                    [processed["class"]], np.array([processed["score"]]), [processed["source"]], config)[0]:
+                picked.append(rows[(pred["filepath"], idx)])
+                labels.append(processed["class"])
+    store.close()
+    if not picked:
+        raise ValueError(f"{outdir}: no confident species-level detections to learn from")
+    return vectors[picked], labels
+
+
 @app.command("check-bundle")
 def check_bundle(bundle: Path = typer.Argument(..., help="Artifact bundle folder.")) -> None:
     """Validate a bundle (manifest, hashes, label count) and print what it holds."""

@@ -10,7 +10,7 @@ from PIL import Image
 
 from .backends import OnnxBackend
 from .bundle import Bundle
-from .classifier import crop_box
+from .classifier import crop_region
 
 __all__ = ["Embedder", "EncoderPreprocess", "apply_head", "embedding_section"]
 
@@ -35,11 +35,10 @@ class EncoderPreprocess:
 
     def __call__(self, image: np.ndarray, bbox: Sequence[float]) -> Optional[np.ndarray]:
         """One CHW float32 input for a detection box, or None for an empty crop."""
-        height, width = image.shape[:2]
-        top, left, crop_h, crop_w = crop_box(height, width, bbox)
-        if crop_h <= 0 or crop_w <= 0:
+        region = crop_region(image, bbox)
+        if region is None:
             return None
-        crop = Image.fromarray(image[top : top + crop_h, left : left + crop_w])
+        crop = Image.fromarray(region)
         scale = self.size / min(crop.size)
         new = (max(self.size, round(crop.size[0] * scale)), max(self.size, round(crop.size[1] * scale)))
         crop = crop.resize(new, self.interpolation)
@@ -76,6 +75,22 @@ class Embedder:
             for i, v in zip(part, vectors):
                 out[i] = v
         return out
+
+
+def crop_embedder(bundle: Bundle, device: str = "cpu"):
+    """A function embedding whole crops (HWC uint8) with the bundle's backbone, for `trapedge fit`."""
+    from .classifier import preprocess_crop, to_network_input
+
+    embedder = Embedder(bundle, device)
+    if not embedder.uses_classifier:
+        return lambda crops: np.stack([embedder.embed(c, [(0.0, 0.0, 1.0, 1.0)])[0] for c in crops])
+    classifier = OnnxBackend(bundle.model("classifier").path, device)
+
+    def embed(crops: list[np.ndarray]) -> np.ndarray:
+        batch = to_network_input([preprocess_crop(c, (0.0, 0.0, 1.0, 1.0)) for c in crops])
+        return classifier.run({"crops": batch}, [embedder.section["output"]])[0]
+
+    return embed
 
 
 def apply_head(vectors: np.ndarray, head: Optional[OnnxBackend], batch: int = 4096) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Result files in the formats the ecosystem reads (SpeciesNet, MegaDetector 1.6, Camtrap DP 1.0.2, flat CSV), written atomically."""
+"""Result files the ecosystem reads (SpeciesNet, MegaDetector 1.6, Camtrap DP 1.0.2, flat CSV), written atomically."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ _SAMPLING_DESIGNS = ("simpleRandom", "systematicRandom", "clusteredRandom", "exp
                      "opportunistic")
 _RANK_NAMES = ("class", "order", "family", "genus")
 _HUMAN_RANKS = ["mammalia", "primates", "hominidae", "homo"]
-_RELABELLING_STAGES = {"birds": "stage 2 (birds)", "score": "stage 5"}
+_RELABELLING_STAGES = ("birds", "score")
 _BBOX_FLOOR = 10.0 ** -_DECIMALS
 
 
@@ -277,7 +277,7 @@ def _probability(value: Any) -> float:
 
 
 def final_label(det: dict) -> tuple[str, float, str]:
-    """The label a detection ends with (reclassification if a stage re-labelled it, else SpeciesNet's processed classification) with its probability and method."""
+    """The label a detection ends with (a stage's re-label, else SpeciesNet's processed class), probability, method."""
     final = _final(det)
     return final.label, final.probability, final.method
 
@@ -509,100 +509,111 @@ def _package_name(text: str) -> str:
     return re.sub(r"[^-a-z0-9._]+", "-", text.lower()).strip("-") or "trapedge"
 
 
+def _created(info: dict) -> datetime:
+    moment = _parse_time(info["created"], "created") if info.get("created") else datetime.now(timezone.utc)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).replace(microsecond=0)
+
+
+def _media_row(image: ImageInfo, deployment: Deployment, stamp: str, note: Optional[str]) -> dict:
+    comments = [c for c in (f"{image.status}: {image.reason}" if image.reason else None, note) if c]
+    name = PurePosixPath(image.key)
+    return {"mediaID": image.key, "deploymentID": deployment.deployment_id,
+            "captureMethod": deployment.capture_method, "timestamp": stamp, "filePath": image.key,
+            "filePublic": False, "fileName": name.name,
+            "fileMediatype": _MEDIATYPES.get(name.suffix.lower(), "image/jpeg"),
+            "mediaComments": "; ".join(comments) or None}
+
+
+def _observation_rows(pred: dict, image: ImageInfo, deployment: Deployment, stamp: str, created: datetime,
+                      threshold: float, taxa: dict[str, dict]) -> list[dict]:
+    """Media-level observations of one image (one per box at or above the threshold, else one blank); adds to taxa."""
+    model_version = str(pred.get("model_version", "unknown"))
+    base = {"deploymentID": deployment.deployment_id, "mediaID": image.key, "eventStart": stamp,
+            "eventEnd": stamp, "observationLevel": "media", "classificationMethod": "machine",
+            "classificationTimestamp": _iso(created)}
+    kept = [(i, det) for i, det in enumerate(pred.get("detections") or [])
+            if float(det.get("conf", 0.0)) >= threshold]
+    if not kept:
+        return [{**base, "observationID": f"{image.key}#blank", "observationType": "blank",
+                 "classifiedBy": f"SpeciesNet {model_version} (MegaDetector only)"}]
+    rows = []
+    for idx, det in kept:
+        final = _final(det)
+        category = str(det.get("category"))
+        kind = _observation_type(final.label, category)
+        taxon = None
+        if kind in ("animal", "human"):
+            taxon = _taxon(final.label) or _taxon(Classification.HUMAN.value if kind == "human"
+                                                   else Classification.ANIMAL.value)
+        row = {**base, "observationID": f"{image.key}#{idx}", "observationType": kind,
+               "scientificName": taxon["scientificName"] if taxon else None,
+               "count": 1 if taxon else None, "classifiedBy": _classified_by(final, model_version),
+               "classificationProbability": final.probability}
+        if category != _WHOLE_IMAGE and det.get("bbox"):
+            row.update(_bbox(det))
+        rows.append(row)
+        if taxon:
+            taxa.setdefault(taxon["scientificName"], taxon)
+    return rows
+
+
 def write_camtrap_dp(folder: Path, predictions: list[dict], images: dict[str, ImageInfo],
-                     deployment: Deployment, *, info: dict,
-                     detection_threshold: float = 0.1) -> None:
+                     deployment: Deployment, *, info: dict, detection_threshold: float = 0.1) -> None:
     """Writes a Camtrap DP 1.0.2 package: one media-level observation per box, timestamps in the deployment's zone."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pairs = _index(predictions, images)
-    created = _parse_time(info["created"], "created") if info.get("created") else datetime.now(timezone.utc)
-    if created.tzinfo is None:
-        created = created.astimezone(timezone.utc)
-    created = created.replace(microsecond=0)
-    times, notes = _media_times(pairs, deployment, created)
+    created = _created(info)
     zone = deployment.zone
+    times, notes = _media_times(pairs, deployment, created)
     ordered = sorted(times.values())
-    start = _localise(deployment.start, zone, "deployment start") if deployment.start else (
-        ordered[0] if ordered else created.astimezone(zone))
-    end = _localise(deployment.end, zone, "deployment end") if deployment.end else (
-        ordered[-1] if ordered else start)
-    end = max(end, start)
-
-    media_rows, observation_rows = [], []
+    start = (_localise(deployment.start, zone, "deployment start") if deployment.start
+             else ordered[0] if ordered else created.astimezone(zone))
+    end = max(_localise(deployment.end, zone, "deployment end") if deployment.end
+              else ordered[-1] if ordered else start, start)
+    media, observations = [], []
     taxa: dict[str, dict] = {}
     for pred, image in pairs:
         stamp = _iso(times[image.key])
-        comments = [c for c in (f"{image.status}: {image.reason}" if image.reason else "",
-                                notes.get(image.key, "")) if c]
-        media_rows.append({
-            "mediaID": image.key, "deploymentID": deployment.deployment_id,
-            "captureMethod": deployment.capture_method, "timestamp": stamp, "filePath": image.key,
-            "filePublic": False, "fileName": PurePosixPath(image.key).name,
-            "fileMediatype": _MEDIATYPES.get(PurePosixPath(image.key).suffix.lower(), "image/jpeg"),
-            "mediaComments": "; ".join(comments) or None,
-        })
-        if _failed(pred, image):
-            continue
-        model_version = str(pred.get("model_version", "unknown"))
-        base = {"deploymentID": deployment.deployment_id, "mediaID": image.key, "eventStart": stamp,
-                "eventEnd": stamp, "observationLevel": "media", "classificationMethod": "machine",
-                "classificationTimestamp": _iso(created)}
-        kept = [(i, det) for i, det in enumerate(pred.get("detections") or [])
-                if float(det.get("conf", 0.0)) >= detection_threshold]
-        if not kept:
-            observation_rows.append({**base, "observationID": f"{image.key}#blank", "observationType": "blank",
-                                     "classifiedBy": f"SpeciesNet {model_version} (MegaDetector only)"})
-            continue
-        for idx, det in kept:
-            final = _final(det)
-            category = str(det.get("category"))
-            kind = _observation_type(final.label, category)
-            taxon = _taxon(final.label) if kind in ("animal", "human") else None
-            if kind == "human" and taxon is None:
-                taxon = _taxon(Classification.HUMAN.value)
-            row = {**base, "observationID": f"{image.key}#{idx}", "observationType": kind,
-                   "scientificName": taxon["scientificName"] if taxon else None,
-                   "count": 1 if kind in ("animal", "human") else None,
-                   "classifiedBy": _classified_by(final, model_version),
-                   "classificationProbability": final.probability}
-            if category != _WHOLE_IMAGE and det.get("bbox"):
-                row.update(_bbox(det))
-            observation_rows.append(row)
-            if taxon:
-                taxa.setdefault(taxon["scientificName"], taxon)
-
-    deployment_row = _deployment_row(deployment, start, end, bool(notes))
-    package_info = {k: v for k, v in info.items() if k != "project"}
+        media.append(_media_row(image, deployment, stamp, notes.get(image.key)))
+        if not _failed(pred, image):
+            observations += _observation_rows(pred, image, deployment, stamp, created, detection_threshold, taxa)
     project = {"title": f"trapedge: deployment {deployment.deployment_id}", "samplingDesign": "opportunistic",
                "captureMethod": [deployment.capture_method], "individualAnimals": False,
                "observationLevel": ["media"], **info.get("project", {})}
     if project["samplingDesign"] not in _SAMPLING_DESIGNS:
         raise ValueError(f"project samplingDesign must be one of {', '.join(_SAMPLING_DESIGNS)}")
     version = _versions(predictions)
+    fixed = {"resources", "profile", "created", "project", "spatial", "temporal", "taxonomic"}
     package = {
         "resources": [{"name": name, "path": f"{name}.csv", "profile": "tabular-data-resource",
-                       "format": "csv", "mediatype": "text/csv", "encoding": "utf-8",
-                       "schema": CAMTRAP_DP_SCHEMAS[name]} for name in ("deployments", "media", "observations")],
+                       "format": "csv", "mediatype": "text/csv", "encoding": "utf-8", "schema": url}
+                      for name, url in CAMTRAP_DP_SCHEMAS.items()],
         "profile": CAMTRAP_DP_PROFILE,
         "name": _package_name(f"trapedge-{deployment.deployment_id}"),
-        "created": _iso(created.astimezone(timezone.utc)).replace("+00:00", "Z"),
+        "created": created.isoformat().replace("+00:00", "Z"),
         "title": f"Camera-trap images of deployment {deployment.deployment_id}, classified by trapedge",
-        "description": (f"Media-level machine observations by SpeciesNet {version} and trapedge {__version__} "
-                        "re-classification. media.filePath is relative to the folder the card was copied to."),
+        "description": (f"Media-level machine observations by SpeciesNet {version} and trapedge {__version__}. "
+                        "media.filePath is relative to the folder the memory card was copied to."),
         "contributors": [{"title": f"trapedge {__version__}", "role": "contributor"}],
         "sources": [{"title": "SpeciesNet", "version": version}, {"title": "trapedge", "version": __version__}],
-        **package_info,
+        **{k: v for k, v in info.items() if k not in fixed},
         "project": project,
         "spatial": {"type": "Point", "coordinates": [deployment.longitude, deployment.latitude]},
         "temporal": {"start": start.date().isoformat(), "end": end.date().isoformat()},
         "taxonomic": [taxa[name] for name in sorted(taxa)],
     }
-    atomic_write_text(folder / "deployments.csv", _csv_text(DEPLOYMENT_COLUMNS, [deployment_row]))
-    atomic_write_text(folder / "media.csv", _csv_text(MEDIA_COLUMNS, media_rows))
-    atomic_write_text(folder / "observations.csv", _csv_text(OBSERVATION_COLUMNS, observation_rows))
-    atomic_write_text(folder / "datapackage.json",
-                      json.dumps(package, ensure_ascii=False, indent=2) + "\n")
+    atomic_write_text(folder / "deployments.csv",
+                      _csv_text(DEPLOYMENT_COLUMNS, [_deployment_row(deployment, start, end, bool(notes))]))
+    atomic_write_text(folder / "media.csv", _csv_text(MEDIA_COLUMNS, media))
+    atomic_write_text(folder / "observations.csv", _csv_text(OBSERVATION_COLUMNS, observations))
+    atomic_write_text(folder / "datapackage.json", json.dumps(package, ensure_ascii=False, indent=2) + "\n")
+
+
+def _rounded(value: Any) -> Any:
+    return round(float(value), _DECIMALS) if value is not None else None
 
 
 def write_flat_csv(path: Path, predictions: list[dict], images: dict[str, ImageInfo]) -> None:
@@ -619,11 +630,12 @@ def write_flat_csv(path: Path, predictions: list[dict], images: dict[str, ImageI
             processed = det.get("processed_classification") or {}
             final = _final(det)
             taxon = _taxon(final.label)
-            x, y, w, h = (float(v) for v in det.get("bbox", [None] * 4)) if det.get("bbox") else (None,) * 4
+            x, y, w, h = det.get("bbox") or (None, None, None, None)
             rows.append({**base, "detection": idx, "category": det.get("category"),
-                         "detector_label": det.get("label"), "conf": float(det["conf"]),
-                         "bbox_x": x, "bbox_y": y, "bbox_width": w, "bbox_height": h,
-                         "speciesnet_class": processed.get("class"), "speciesnet_score": processed.get("score"),
+                         "detector_label": det.get("label"), "conf": _rounded(det.get("conf")),
+                         "bbox_x": _rounded(x), "bbox_y": _rounded(y), "bbox_width": _rounded(w),
+                         "bbox_height": _rounded(h), "speciesnet_class": processed.get("class"),
+                         "speciesnet_score": _rounded(processed.get("score")),
                          "speciesnet_source": processed.get("source"), "final_class": final.label,
                          "final_level": _level(final.label), "final_stage": final.stage,
                          "final_probability": final.probability, "final_method": final.method,

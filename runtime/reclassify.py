@@ -183,19 +183,19 @@ class Reclassifier:
         return counts
 
     def _centroids(self, vectors: np.ndarray, labels: list[str]) -> Centroids:
+        """Centroids from the dump's references, the bundle's shipped references, or both pooled."""
         if self.centroid_source == "dump":
             return build_centroids(vectors, labels, self.taxonomy_map, self.config)
         shipped = Centroids.load(self.bundle.file("centroids"))
-        if self.centroid_source == "bundle":
+        if shipped.references is None:
+            if self.centroid_source == "both" or self.config.scoring != "cosine":
+                raise ValueError(f"{self.bundle.file('centroids')}: holds no references, so it can only be used "
+                                 "as is (--centroids bundle --scoring cosine)")
             return shipped
-        mine = build_centroids(vectors, labels, self.taxonomy_map, self.config)
-        keep = [i for i, lab in enumerate(shipped.labels) if lab not in mine.index]
-        return Centroids(mine.labels + [shipped.labels[i] for i in keep],
-                         mine.levels + [shipped.levels[i] for i in keep],
-                         np.concatenate([mine.vectors, shipped.vectors[keep]]) if keep else mine.vectors,
-                         np.concatenate([mine.counts, shipped.counts[keep]]),
-                         np.concatenate([mine.mean_distance, shipped.mean_distance[keep]]),
-                         np.concatenate([mine.std_distance, shipped.std_distance[keep]]))
+        if self.centroid_source == "bundle":
+            return build_centroids(shipped.references, shipped.reference_labels, self.taxonomy_map, self.config)
+        return build_centroids(np.concatenate([shipped.references, vectors.astype(np.float32)]),
+                               list(shipped.reference_labels) + list(labels), self.taxonomy_map, self.config)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

@@ -184,6 +184,8 @@ class Centroids:
     precisions: Optional[np.ndarray] = None
     mahalanobis_mean: Optional[np.ndarray] = None
     mahalanobis_std: Optional[np.ndarray] = None
+    references: Optional[np.ndarray] = None
+    reference_labels: Optional[list[str]] = None
     index: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -197,14 +199,20 @@ class Centroids:
         arrays = dict(labels=np.array(self.labels, dtype=str), levels=np.array(self.levels, dtype=str),
                       vectors=self.vectors.astype(np.float32), counts=self.counts.astype(np.int64),
                       mean_distance=self.mean_distance, std_distance=self.std_distance)
+        if self.references is not None:
+            arrays.update(references=self.references.astype(np.float32),
+                          reference_labels=np.array(self.reference_labels, dtype=str))
         np.savez(path, **arrays)
 
     @classmethod
     def load(cls, path) -> Centroids:
         """Reads a centroid file written by `save` (never unpickles)."""
         with np.load(path, allow_pickle=False) as data:
-            return cls(list(data["labels"]), list(data["levels"]), data["vectors"], data["counts"],
-                       data["mean_distance"], data["std_distance"])
+            has_refs = "references" in data.files
+            return cls([str(x) for x in data["labels"]], [str(x) for x in data["levels"]], data["vectors"],
+                       data["counts"], data["mean_distance"], data["std_distance"],
+                       references=data["references"] if has_refs else None,
+                       reference_labels=[str(x) for x in data["reference_labels"]] if has_refs else None)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -246,7 +254,8 @@ def build_centroids(embeddings: np.ndarray, labels: Sequence[str], taxonomy_map:
         c = _normalise(rows.mean(axis=0))
         d = 1.0 - rows @ c
         cents[k], counts[k], mean_d[k], std_d[k] = c, len(rows), d.mean(), d.std()
-    result = Centroids(keep, [level_of[n] for n in keep], cents, counts, mean_d, std_d)
+    result = Centroids(keep, [level_of[n] for n in keep], cents, counts, mean_d, std_d,
+                       references=vectors.astype(np.float32), reference_labels=list(labels))
     if config.scoring == "mahalanobis" and keep:
         _fit_mahalanobis(result, vectors, members, config)
     return result
