@@ -22,6 +22,7 @@ from .formats import write_images_csv, write_predictions_json
 from .ingest import scan
 from .bench import StageTimer
 from .bundle import sha256_file
+from .bursts import DEFAULT_GAP_S, group_events
 from .pipeline import RunOptions, Runner
 from .store import STORE_NAME, Store
 from .reclassify import CENTROID_SOURCES, EmbeddingTable, Reclassifier
@@ -92,6 +93,9 @@ def run(
     lam: Optional[float] = typer.Option(None, help="Stage 5 adaptive threshold: mean + lam * std."),
     margin: Optional[float] = typer.Option(None, help="Stage 5 margin over the runner-up."),
     n_min: Optional[int] = typer.Option(None, min=1, help="Stage 3 references per centroid."),
+    burst_gap: float = typer.Option(DEFAULT_GAP_S, min=0.0, help="Seconds between photos of one event (burst)."),
+    smoothing: bool = typer.Option(False, help="Coarse labels take their event's dominant species (MegaDetector-style)."),
+    event_pooling: bool = typer.Option(False, help="Stage 5 scores an event's same-label crops together."),
 ) -> None:
     """Detect, classify and re-classify every photo on a card, writing SpeciesNet's predictions.json."""
     country, admin1 = _check_location(country, admin1)
@@ -109,7 +113,8 @@ def run(
                                    margin=margin, n_min=n_min)
             reclassifier = Reclassifier(loaded, config, centroids=centroids, country=country,
                                         admin1_region=admin1, enable_geofence=geofence,
-                                        target_precision=target_precision)
+                                        target_precision=target_precision, smoothing=smoothing,
+                                        event_pooling=event_pooling)
     except (BundleError, BackendError, ValueError) as e:
         _fail(str(e))
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +151,7 @@ def run(
                 results.append(result)
                 elapsed = time.perf_counter() - started
                 progress.update(task, advance=1, rate=f"{len(results) / elapsed:.2f} img/s")
-        predictions = _finish(store, dump, out, loaded, reclassifier, runner.timer)
+        predictions = _finish(store, dump, out, loaded, reclassifier, runner.timer, burst_gap)
     except (OSError, sqlite3.Error) as e:
         store.close()
         _fail(f"{out}: cannot write results ({e}); what was committed is kept: free space or fix the "
@@ -176,10 +181,13 @@ def _open_store(out: Path, bundle: Bundle, dump: Path) -> Store:
 
 
 def _finish(store: Store, dump: Path, out: Path, bundle: Bundle, reclassifier: Optional[Reclassifier],
-            timer) -> list[dict]:
+            timer, burst_gap: float = DEFAULT_GAP_S) -> list[dict]:
     """Pass 2 over everything in the store, then every output written from the store."""
     predictions = store.predictions(dump)
     if reclassifier is not None:
+        images = store.images(dump)
+        events = group_events(images, burst_gap)
+        reclassifier.events = {image["filepath"]: events[image["key"]] for image in images}
         paths, dets, vectors = store.embeddings(dump)
         reclassifier.run(predictions, EmbeddingTable(paths, dets, vectors))
         for name, samples in reclassifier.timer.samples.items():

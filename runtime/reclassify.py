@@ -10,10 +10,11 @@ import numpy as np
 
 from .bench import StageTimer
 from .bundle import Bundle
+from .bursts import dominant_labels, pool_by_event
 from .ensemble import Classification, load_geofence, load_taxonomy, should_geofence_animal_classification
 from .stages import (
-    Centroids, StageConfig, accept, aves_mass, bird_probability, birds, build_centroids, label_depth,
-    needs_embedding, score,
+    Centroids, StageConfig, accept, aves_mass, bird_probability, birds, build_centroids, is_descendant,
+    label_depth, needs_embedding, score,
 )
 
 __all__ = ["CENTROID_SOURCES", "EmbeddingTable", "Reclassifier", "calibrate_thresholds"]
@@ -78,7 +79,9 @@ class Reclassifier:
 
     def __init__(self, bundle: Bundle, config: StageConfig = StageConfig(), *, centroids: str = "dump",
                  country: Optional[str] = None, admin1_region: Optional[str] = None, enable_geofence: bool = True,
-                 target_precision: Optional[float] = None, device: str = "cpu") -> None:
+                 target_precision: Optional[float] = None, device: str = "cpu",
+                 events: Optional[dict[str, str]] = None, smoothing: bool = False,
+                 event_pooling: bool = False) -> None:
         if centroids not in CENTROID_SOURCES:
             raise ValueError(f"--centroids must be one of {', '.join(CENTROID_SOURCES)}, got {centroids!r}")
         if centroids != "dump" and "centroids" not in bundle.manifest["files"]:
@@ -97,6 +100,9 @@ class Reclassifier:
         self.prompts, self.bird_rows = load_prompts(bundle)
         self.timer = StageTimer()
         self.summary: dict[str, int] = {}
+        self.events = events or {}
+        self.smoothing = smoothing
+        self.event_pooling = event_pooling
 
     def allowed(self, label: str) -> bool:
         """True when the geofence allows this taxon here."""
@@ -108,7 +114,7 @@ class Reclassifier:
         from .embed import apply_head
 
         rows = {(fp, int(d)): i for i, (fp, d) in enumerate(zip(table.filepaths, table.detections))}
-        dets, vec_rows = [], []
+        dets, vec_rows, event_of = [], [], []
         for pred in predictions:
             for idx, det in enumerate(pred.get("detections") or []):
                 det.pop("reclassification", None)
@@ -117,7 +123,8 @@ class Reclassifier:
                 if processed and needs_embedding(processed["class"]) and key in rows:
                     dets.append(det)
                     vec_rows.append(rows[key])
-        counts = {"accept": 0, "birds": 0, "score": 0, "candidates": 0}
+                    event_of.append(self.events.get(pred["filepath"], pred["filepath"]))
+        counts = {"accept": 0, "birds": 0, "score": 0, "smoothing": 0, "candidates": 0}
         if not dets:
             self.summary = counts
             return counts
@@ -167,7 +174,10 @@ class Reclassifier:
         counts["candidates"] = int(candidates.sum())
         with self.timer.stage("score"):
             idx = np.flatnonzero(candidates)
-            decisions = score(projected[idx], [working[i] for i in idx], conf[idx], cents, self.allowed,
+            queries = projected[idx]
+            if self.event_pooling and idx.size:
+                queries = pool_by_event(queries, [f"{event_of[i]}|{working[i]}" for i in idx])
+            decisions = score(queries, [working[i] for i in idx], conf[idx], cents, self.allowed,
                               self.config, thresholds) if len(cents) and idx.size else []
         for i, decision in zip(idx, decisions):
             if decision is None:
@@ -179,8 +189,30 @@ class Reclassifier:
                 out["via"] = "birds"
             dets[i]["reclassification"] = out
             counts["score"] += 1
+        if self.smoothing:
+            counts["smoothing"] = self._smooth(dets, labels, working, refs, event_of)
         self.summary = counts
         return counts
+
+    def _smooth(self, dets: list[dict], labels: list[str], working: list[str], refs: np.ndarray,
+                event_of: list[str]) -> int:
+        """MegaDetector-style smoothing: coarse detections left untouched take their event's dominant species."""
+        final = [d.get("reclassification", {}).get("class") if refs[i] or (d.get("reclassification") or {}).get(
+            "stage") == "score" else None for i, d in enumerate(dets)]
+        species = [f if f and label_depth(f) == 5 else None for f in final]
+        dominant = dominant_labels(species, event_of)
+        changed = 0
+        for i, det in enumerate(dets):
+            rec = det.get("reclassification")
+            if rec and rec["stage"] in ("accept", "score"):
+                continue
+            label = dominant.get(event_of[i])
+            if label and self.allowed(label) and is_descendant(label, working[i]) and (
+                    working[i] != Classification.BLANK or det["conf"] >= self.config.blank_floor):
+                det["reclassification"] = {"class": label, "level": "species", "stage": "smoothing",
+                                           "event": event_of[i], "original": labels[i]}
+                changed += 1
+        return changed
 
     def _centroids(self, vectors: np.ndarray, labels: list[str]) -> Centroids:
         """Centroids from the dump's references, the bundle's shipped references, or both pooled."""

@@ -65,7 +65,7 @@ def test_pass_two_touches_what_it_should_and_keeps_speciesnet_fields(tmp_path: P
     predictions, table, truth = scenario()
     before = copy.deepcopy(predictions)
     counts = Reclassifier(Bundle.load(make_bundle(tmp_path / "b"))).run(predictions, table)
-    assert counts == {"accept": 18, "birds": 1, "score": 3, "candidates": 6}
+    assert counts == {"accept": 18, "birds": 1, "score": 3, "smoothing": 0, "candidates": 6}
     coarse = predictions[1]["detections"]
     got = [d.get("reclassification") for d in coarse]
     assert got[0]["class"] == ts.LION and got[0]["stage"] == "score" and got[0]["level"] == "species"
