@@ -5,6 +5,8 @@ The folder mirrors a real SpeciesNet "always_crop" release: a pickled onnx2torch
 checkpoint, a 7-field labels file, a taxonomy file and a geofence JSON.  Random
 networks are made to behave like trained ones by calibrating batch-norm statistics on
 real photos and then rescaling only the output heads (see ``fixtures.md``).
+``classifier_head`` names the final linear layer of the saved classifier and the fx
+node holding its input, the pooled feature vector.
 """
 
 from __future__ import annotations
@@ -280,6 +282,9 @@ def _synthetic_images(seed: int, count: int = 4) -> list[np.ndarray]:
     return images
 
 
+_Box = tuple[float, float, float, float, float]
+
+
 @dataclass
 class _Letterboxed:
     """A detector input tensor with its letterbox geometry."""
@@ -437,9 +442,6 @@ def _build_detector(spec: _SizeSpec, inputs: list[_Letterboxed], seed: int) -> n
     return model
 
 
-_Box = tuple[float, float, float, float, float]
-
-
 def _detections(model: nn.Module, lb: _Letterboxed) -> list[_Box]:
     """Return (x0, y0, x1, y1, conf) boxes in original pixels, as SpeciesNet computes them."""
     from yolov5.utils.general import non_max_suppression, scale_boxes
@@ -464,7 +466,7 @@ def _crop(image: torch.Tensor, box: tuple[float, float, float, float]) -> torch.
 
 def _classifier_crops(
     images: list[np.ndarray],
-    boxes: list[list[tuple[float, float, float, float, float]]],
+    boxes: list[list[_Box]],
     n_random: int,
     seed: int,
 ) -> torch.Tensor:
