@@ -1,0 +1,58 @@
+"""Bench output schema, timer coverage, pipelined vs serial equality, Python 3.10 compatibility of the runtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_end_to_end import run_cli
+from trapedge.runtime.bundle import Bundle
+from trapedge.runtime.ingest import scan
+from trapedge.runtime.pipeline import RunOptions, Runner
+
+STAGE_KEYS = {"count", "mean_ms", "p50_ms", "p95_ms", "total_ms"}
+
+
+def test_bench_schema_and_timer_coverage(bundle: Path, photos, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    run_cli("bench", str(photos[0].parent), "--bundle", str(bundle), "--images", "6", "--device", "cpu",
+            "--out", str(out))
+    result = json.loads((out / "bench.json").read_text())
+    assert result["images"] == 6 and result["images_per_s"] > 0 and result["peak_rss_mib"] > 0
+    for stage in ("decode", "detect", "nms", "crop", "classify", "ensemble", "accept", "birds", "centroids", "score"):
+        assert STAGE_KEYS <= set(result["stages"][stage]), stage
+    assert result["stages"]["detect"]["count"] == 6
+    assert result["timed_share"] >= 0.95, result["timed_share"]
+    assert result["providers"]["detector"] == ["CPUExecutionProvider"]
+    assert "cores" in result["machine"]
+    assert "| detect |" in (out / "bench.md").read_text()
+
+
+def test_pipelined_and_serial_runs_agree(bundle: Path, photos) -> None:
+    loaded = Bundle.load(bundle)
+    records = list(scan(photos[0].parent))
+    serial = Runner(loaded, RunOptions(device="cpu", decode_workers=1, chunk=1, detector_batch=1, classifier_batch=1))
+    piped = Runner(loaded, RunOptions(device="cpu", decode_workers=2, chunk=8, detector_batch=4, classifier_batch=8))
+    a = [r.prediction for r in serial.process(records, photos[0].parent)]
+    b = [r.prediction for r in piped.process(records, photos[0].parent)]
+    assert len(a) == len(b) == 10
+    for x, y in zip(a, b):
+        assert x["filepath"] == y["filepath"] and len(x["detections"]) == len(y["detections"])
+        for d, e in zip(x["detections"], y["detections"]):
+            assert d["bbox"] == pytest.approx(e["bbox"], abs=1e-6) and d["conf"] == pytest.approx(e["conf"], abs=1e-5)
+            assert d.get("processed_classification", {}).get("class") == e.get("processed_classification", {}).get("class")
+
+
+def test_runtime_stays_python_310_compatible() -> None:
+    vermin = shutil.which("vermin") or str(Path(sys.executable).parent / "vermin")
+    if not Path(vermin).exists():
+        pytest.skip("vermin (dev extra) is not installed")
+    root = Path(__file__).parents[1] / "runtime"
+    proc = subprocess.run([vermin, "--no-tips", "--violations", "-t=3.10-", "--eval-annotations", str(root)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
