@@ -53,13 +53,18 @@ def _axis_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 def resize_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Bilinear resize of a float32 HWC image, no antialias, as torch's upsample_bilinear2d."""
+    """Bilinear resize to float32, no antialias, as torch's upsample_bilinear2d on `image / 255` (uint8 HWC in).
+
+    Pixels are gathered as uint8 and scaled after, so only the 4 x out_h x out_w samples are converted.
+    """
     y0, y1, ly1 = _axis_weights(image.shape[0], out_h)
     x0, x1, lx1 = _axis_weights(image.shape[1], out_w)
     ly0, lx0 = np.float32(1) - ly1, np.float32(1) - lx1
     lx0, lx1 = lx0[None, :, None], lx1[None, :, None]
-    top = image[y0][:, x0] * lx0 + image[y0][:, x1] * lx1
-    bottom = image[y1][:, x0] * lx0 + image[y1][:, x1] * lx1
+    rows0, rows1 = image[y0], image[y1]
+    scale = lambda a: a.astype(np.float32) / np.float32(255)  # noqa: E731
+    top = scale(rows0[:, x0]) * lx0 + scale(rows0[:, x1]) * lx1
+    bottom = scale(rows1[:, x0]) * lx0 + scale(rows1[:, x1]) * lx1
     return top * ly0[:, None, None] + bottom * ly1[:, None, None]
 
 
@@ -72,8 +77,7 @@ def preprocess_crop(image: np.ndarray, bbox: Sequence[float]) -> Optional[np.nda
     region = crop_region(image, bbox)
     if region is None:
         return None
-    scaled = region.astype(np.float32) / np.float32(255)
-    resized = resize_bilinear(scaled, CROP_SIZE, CROP_SIZE)
+    resized = resize_bilinear(region, CROP_SIZE, CROP_SIZE)
     return (resized * _UINT8_SCALE).astype(np.uint8)
 
 

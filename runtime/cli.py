@@ -448,6 +448,55 @@ def export_speciesnet(
         console.print(f"{name}: {model['file']} parity {model.get('parity')}", highlight=False)
 
 
+@export_app.command("encoder")
+def export_encoder_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle to add the encoder (and bird-prompt embeddings) to."),
+    backbone: str = typer.Option("open_clip", help="open_clip, or speciesnet (the classifier's pooled features)."),
+    model: str = typer.Option("ViT-L-14", help="open_clip model name."),
+    pretrained: Optional[str] = typer.Option("openai", help="open_clip pretrained tag or a checkpoint file."),
+    parity_images: Optional[Path] = typer.Option(None, help="Folder of photos to measure parity on."),
+    opset: int = typer.Option(17),
+) -> None:
+    """Export the re-classification image encoder (CLIP vision tower by default) into a bundle."""
+    try:
+        from trapedge.export.encoders import export_encoder
+    except ImportError as e:
+        _fail(f"export needs the export extra (pip install 'trapedge[export]'): {e}")
+    try:
+        manifest = export_encoder(bundle, model=model, pretrained=pretrained, backbone=backbone,
+                                  parity_images=parity_images, opset=opset, log=console.print)
+    except (ValueError, RuntimeError, FileNotFoundError, BundleError) as e:
+        _fail(str(e))
+    console.print(f"embedding: {manifest['embedding']}", highlight=False)
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("trapedge-demo"), help="Folder for the demo bundle, card and results."),
+) -> None:
+    """Build an untrained demo bundle locally and run the full pipeline on the packaged sample photos."""
+    from .demo import build_demo_bundle, copy_samples
+
+    console.print("Building the demo bundle: UNTRAINED demo models (a saliency heuristic and a random "
+                  "classifier) so the pipeline can run with no downloads; their labels mean nothing.",
+                  highlight=False)
+    try:
+        bundle = build_demo_bundle(out / "bundle")
+    except RuntimeError as e:
+        _fail(str(e))
+    card = copy_samples(out / "card")
+    run(dump=card, bundle=bundle, out=out / "results", country=None, admin1=None, geofence=True, device="auto",
+        threads=None, detector_batch=1, classifier_batch=8, workers=2, quiet=False, reclassify=True,
+        centroids="dump", scoring=None, target_precision=None, stages_config=None, tau_accept=None, lam=None,
+        margin=None, n_min=None, burst_gap=DEFAULT_GAP_S, smoothing=False, event_pooling=False)
+    console.print(
+        "For real results, export SpeciesNet's weights on a workstation with the export extra:\n"
+        "  trapedge export speciesnet kaggle:google/speciesnet/pyTorch/v4.0.3a/1 --out artifacts/speciesnet\n"
+        "  trapedge export encoder artifacts/speciesnet --model ViT-L-14 --pretrained openai\n"
+        "then: trapedge run /media/SDCARD --bundle artifacts/speciesnet --out results --country ISO3",
+        highlight=False, markup=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -24,7 +24,7 @@ def embedding_section(bundle: Bundle) -> dict:
 
 
 class EncoderPreprocess:
-    """Crop, resize (shortest side, Pillow bicubic as open_clip), centre crop, scale, normalise: NCHW."""
+    """Crop, resize (shortest side, Pillow, as open_clip's torchvision transform), centre crop, normalise: NCHW."""
 
     def __init__(self, spec: dict) -> None:
         self.size = int(spec["size"])
@@ -32,6 +32,7 @@ class EncoderPreprocess:
         self.std = np.asarray(spec.get("std", [1.0, 1.0, 1.0]), dtype=np.float32)
         self.interpolation = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[
             spec.get("interpolation", "bicubic")]
+        self.squash = spec.get("resize") == "squash"
 
     def __call__(self, image: np.ndarray, bbox: Sequence[float]) -> Optional[np.ndarray]:
         """One CHW float32 input for a detection box, or None for an empty crop."""
@@ -39,11 +40,17 @@ class EncoderPreprocess:
         if region is None:
             return None
         crop = Image.fromarray(region)
-        scale = self.size / min(crop.size)
-        new = (max(self.size, round(crop.size[0] * scale)), max(self.size, round(crop.size[1] * scale)))
-        crop = crop.resize(new, self.interpolation)
-        x0, y0 = (new[0] - self.size) // 2, (new[1] - self.size) // 2
-        crop = crop.crop((x0, y0, x0 + self.size, y0 + self.size))
+        width, height = crop.size
+        if self.squash:
+            crop = crop.resize((self.size, self.size), self.interpolation)
+        else:
+            short, long = min(width, height), max(width, height)
+            new_long = int(self.size * long / short)  # torchvision truncates the long side
+            new = (self.size, new_long) if width <= height else (new_long, self.size)
+            crop = crop.resize(new, self.interpolation)
+            x0 = int(round((new[0] - self.size) / 2.0))
+            y0 = int(round((new[1] - self.size) / 2.0))
+            crop = crop.crop((x0, y0, x0 + self.size, y0 + self.size))
         arr = np.asarray(crop, dtype=np.float32) / np.float32(255)
         return ((arr - self.mean) / self.std).transpose(2, 0, 1)
 

@@ -152,3 +152,13 @@ def test_bad_country_is_one_line(bundle: Path, tmp_path: Path) -> None:
     proc = run_cli("run", str(tmp_path), "--bundle", str(bundle), "--out", str(tmp_path / "o"),
                    "--country", "US", check=False)
     assert proc.returncode == 1 and proc.stderr.startswith("Error: --country")
+
+
+def test_demo_runs_lean_offline(tmp_path: Path) -> None:
+    proc = run_cli("demo", "--out", str(tmp_path / "demo"))
+    assert "UNTRAINED" in proc.stderr and "trapedge export speciesnet" in proc.stderr
+    predictions = json.loads((tmp_path / "demo" / "results" / "predictions.json").read_text())["predictions"]
+    assert len(predictions) == 10 and all(p["model_version"] == "demo-untrained" for p in predictions)
+    assert sum(len(p["detections"]) for p in predictions) > 0
+    manifest = json.loads((tmp_path / "demo" / "bundle" / "manifest.json").read_text())
+    assert "UNTRAINED" in manifest["demo"]
