@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from . import __version__
 from .ensemble import FORMAT_VERSION, Classification
 from .ensemble.taxonomy import label_level
+from .faults import checkpoint
 
 if TYPE_CHECKING:
     from .pipeline import ImageResult
@@ -103,6 +104,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             fp.write(text)
             fp.flush()
             os.fsync(fp.fileno())
+        checkpoint("export")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -457,7 +459,7 @@ def _iso(moment: datetime) -> str:
 
 def _media_times(pairs: list[tuple[dict, ImageInfo]], deployment: Deployment,
                  created: datetime) -> tuple[dict[str, datetime], dict[str, str]]:
-    """Each image's timestamp (EXIF, else file mtime, else deployment start, else run time) and why."""
+    """Each image's timestamp (EXIF, else file mtime, else deployment start, earliest known, run time) and why."""
     zone = deployment.zone
     times: dict[str, datetime] = {}
     notes: dict[str, str] = {}
