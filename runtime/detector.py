@@ -17,6 +17,7 @@ __all__ = [
     "DetectorConfig",
     "Letterboxed",
     "letterbox",
+    "normalised_bbox",
     "nms",
     "postprocess",
 ]
@@ -93,6 +94,15 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, dtype=np.int64)
 
 
+def normalised_bbox(x1: float, y1: float, x2: float, y2: float, width: int, height: int) -> list[float]:
+    """Pixel corners to SpeciesNet's [xmin, ymin, w, h]: float32 centre and size, then float64, as SpeciesNet."""
+    xc = np.float32((x1 + x2) / 2) / np.float32(width)
+    yc = np.float32((y1 + y2) / 2) / np.float32(height)
+    w = np.float32(x2 - x1) / np.float32(width)
+    h = np.float32(y2 - y1) / np.float32(height)
+    return [float(xc) - float(w) / 2.0, float(yc) - float(h) / 2.0, float(w), float(h)]
+
+
 def postprocess(
     prediction: np.ndarray,
     network_shape: tuple[int, int],
@@ -133,16 +143,12 @@ def postprocess(
         category = str(int(cls) + 1)
         if category not in CATEGORY_LABELS:
             continue
-        xc = np.float32((x1 + x2) / 2) / np.float32(image.orig_width)
-        yc = np.float32((y1 + y2) / 2) / np.float32(image.orig_height)
-        w = np.float32(x2 - x1) / np.float32(image.orig_width)
-        h = np.float32(y2 - y1) / np.float32(image.orig_height)
         detections.append(
             {
                 "category": category,
                 "label": CATEGORY_LABELS[category],
                 "conf": score,
-                "bbox": [float(xc) - float(w) / 2.0, float(yc) - float(h) / 2.0, float(w), float(h)],
+                "bbox": normalised_bbox(x1, y1, x2, y2, image.orig_width, image.orig_height),
             }
         )
     detections.sort(key=lambda d: d["conf"], reverse=True)
