@@ -18,7 +18,10 @@ from rich.table import Table
 from . import __version__
 from .backends import DEVICES, BackendError
 from .bundle import Bundle, BundleError
-from .formats import write_images_csv, write_predictions_json
+from .formats import (
+    Deployment, ImageInfo, write_camtrap_dp, write_flat_csv, write_images_csv, write_megadetector_json,
+    write_predictions_json,
+)
 from .ingest import scan
 from .bench import StageTimer
 from .bundle import sha256_file
@@ -96,6 +99,10 @@ def run(
     burst_gap: float = typer.Option(DEFAULT_GAP_S, min=0.0, help="Seconds between photos of one event (burst)."),
     smoothing: bool = typer.Option(False, help="Coarse labels take their event's dominant species (MegaDetector-style)."),
     event_pooling: bool = typer.Option(False, help="Stage 5 scores an event's same-label crops together."),
+    timezone: Optional[str] = typer.Option(None, help="IANA timezone of the camera clock (Camtrap DP), e.g. Africa/Windhoek."),
+    lat: Optional[float] = typer.Option(None, help="Deployment latitude (Camtrap DP)."),
+    lon: Optional[float] = typer.Option(None, help="Deployment longitude (Camtrap DP)."),
+    deployment_id: Optional[str] = typer.Option(None, help="Deployment id (Camtrap DP); default: the dump's folder name."),
 ) -> None:
     """Detect, classify and re-classify every photo on a card, writing SpeciesNet's predictions.json."""
     country, admin1 = _check_location(country, admin1)
@@ -123,6 +130,13 @@ def run(
     _log_to(out)
     try:
         store = _open_store(out, loaded, dump)
+        if timezone is not None or lat is not None or lon is not None:
+            if None in (timezone, lat, lon):
+                raise ValueError("Camtrap DP needs all of --timezone, --lat and --lon")
+            values = {"timezone": timezone, "latitude": lat, "longitude": lon,
+                      "deployment_id": deployment_id or Path(dump).resolve().name}
+            Deployment.from_dict(values)
+            store.set_meta("deployment", json.dumps(values))
     except ValueError as e:
         _fail(str(e))
     if not quiet:
@@ -196,9 +210,49 @@ def _finish(store: Store, dump: Path, out: Path, bundle: Bundle, reclassifier: O
         with timer.stage("store"):
             store.save_predictions(predictions, dump)
     with timer.stage("write"):
-        write_predictions_json(out / "predictions.json", predictions, _info(bundle, reclassifier))
-        write_images_csv(out / "images.csv", store.images(dump))
+        _write_outputs(store, dump, out, predictions, _info(bundle, reclassifier), FORMATS)
     return predictions
+
+
+FORMATS = ("speciesnet", "megadetector", "camtrap-dp", "csv")
+
+
+def _deployment(store: Store, dump: Path) -> Optional[Deployment]:
+    """The Camtrap DP deployment recorded for this run, if --timezone, --lat and --lon were given."""
+    recorded = store.get_meta("deployment")
+    if not recorded:
+        return None
+    values = json.loads(recorded)
+    values.setdefault("deployment_id", Path(dump).name or "deployment")
+    return Deployment.from_dict(values)
+
+
+def _write_outputs(store: Store, dump: Path, out: Path, predictions: list[dict], info: dict,
+                   formats: tuple[str, ...]) -> list[Path]:
+    """Writes the requested formats from the store, each atomically; returns what was written."""
+    images = store.images(dump)
+    infos = {i["filepath"]: ImageInfo(**i) for i in images}
+    written = []
+    if "speciesnet" in formats:
+        write_predictions_json(out / "predictions.json", predictions, info)
+        write_images_csv(out / "images.csv", images)
+        written += [out / "predictions.json", out / "images.csv"]
+    if "megadetector" in formats:
+        write_megadetector_json(out / "megadetector.json", predictions, infos, info=info)
+        written.append(out / "megadetector.json")
+    if "csv" in formats:
+        write_flat_csv(out / "results.csv", predictions, infos)
+        written.append(out / "results.csv")
+    if "camtrap-dp" in formats:
+        deployment = _deployment(store, dump)
+        if deployment is None:
+            if formats == ("camtrap-dp",):
+                raise ValueError(f"{out}: Camtrap DP needs the deployment's --timezone, --lat and --lon")
+        else:
+            (out / "camtrap-dp").mkdir(exist_ok=True)
+            write_camtrap_dp(out / "camtrap-dp", predictions, infos, deployment, info=info)
+            written.append(out / "camtrap-dp")
+    return written
 
 
 def _summary(predictions: list, images: list, results: list, runner: Runner, seconds: float, out: Path,
@@ -278,6 +332,34 @@ def reclassify_cmd(
     store.close()
     counts = reclassifier.summary
     console.print(f"re-classification: {counts}", highlight=False)
+
+
+@app.command("export-results")
+def export_results_cmd(
+    outdir: Path = typer.Argument(..., exists=True, file_okay=False, help="Output folder of a run."),
+    format: list[str] = typer.Option(list(FORMATS), "--format", "-f", help=f"Any of {', '.join(FORMATS)}."),
+) -> None:
+    """Re-write result files from the results store (SpeciesNet JSON, MegaDetector JSON, Camtrap DP, CSV)."""
+    unknown = set(format) - set(FORMATS)
+    if unknown:
+        _fail(f"unknown format(s) {', '.join(sorted(unknown))}; expected {', '.join(FORMATS)}")
+    if not (outdir / STORE_NAME).is_file():
+        _fail(f"{outdir}: no {STORE_NAME}; run `trapedge run` first")
+    store = Store(outdir / STORE_NAME)
+    dump = Path(store.get_meta("dump_root") or outdir)
+    try:
+        info = json.loads((outdir / "predictions.json").read_text(encoding="utf-8")).get("info", {})
+    except (OSError, json.JSONDecodeError):
+        info = {}
+    info.pop("format_version", None)
+    try:
+        written = _write_outputs(store, dump, outdir, store.predictions(dump), info, tuple(format))
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    finally:
+        store.close()
+    for path in written:
+        console.print(f"wrote {path}", highlight=False)
 
 
 @app.command("evaluate")
@@ -488,7 +570,8 @@ def demo_cmd(
     run(dump=card, bundle=bundle, out=out / "results", country=None, admin1=None, geofence=True, device="auto",
         threads=None, detector_batch=1, classifier_batch=8, workers=2, quiet=False, reclassify=True,
         centroids="dump", scoring=None, target_precision=None, stages_config=None, tau_accept=None, lam=None,
-        margin=None, n_min=None, burst_gap=DEFAULT_GAP_S, smoothing=False, event_pooling=False)
+        margin=None, n_min=None, burst_gap=DEFAULT_GAP_S, smoothing=False, event_pooling=False,
+        timezone="UTC", lat=0.0, lon=0.0, deployment_id="trapedge-demo")
     console.print(
         "For real results, export SpeciesNet's weights on a workstation with the export extra:\n"
         "  trapedge export speciesnet kaggle:google/speciesnet/pyTorch/v4.0.3a/1 --out artifacts/speciesnet\n"

@@ -124,9 +124,10 @@ class Store:
         """One dict per stored image (key, filepath, width, height, captured, status, reason)."""
         root = Path(root).resolve()
         rows = self.db.execute(
-            "SELECT key, width, height, captured, status, reason, vanished FROM images ORDER BY key")
+            "SELECT key, width, height, captured, status, reason, vanished, mtime_ns FROM images ORDER BY key")
         return [{"key": k, "filepath": str(root / k), "width": w, "height": h, "captured": c,
-                 "status": "vanished" if v else s, "reason": r} for k, w, h, c, s, r, v in rows]
+                 "status": "vanished" if v else s, "reason": r, "modified_ns": m}
+                for k, w, h, c, s, r, v, m in rows]
 
     def embeddings(self, root: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(filepaths, detection indices, vectors) of every stored embedding."""
