@@ -84,6 +84,10 @@ def run(
     detector_batch: int = typer.Option(1, min=1, help="Images per detector call (same padded shape)."),
     classifier_batch: int = typer.Option(8, min=1, help="Crops per classifier call."),
     workers: int = typer.Option(2, min=1, help="Decode worker threads."),
+    precision: str = typer.Option("fp32", help="fp32, or a quantised variant in the bundle: fp16, int8."),
+    agreement_floor: Optional[float] = typer.Option(None, help="Refuse a quantised model whose recorded top-1 "
+                                                               "agreement with fp32 is below this."),
+    engine: str = typer.Option("onnx", help="onnx (ONNX Runtime providers) or tensorrt-native."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     reclassify: bool = typer.Option(True, help="Run pass 2: the five re-classification stages."),
     centroids: str = typer.Option("dump", help=f"Centroid source: {', '.join(CENTROID_SOURCES)}."),
@@ -111,7 +115,8 @@ def run(
         loaded = Bundle.load(bundle)
         options = RunOptions(country=country, admin1_region=admin1, enable_geofence=geofence,
                              device=device, threads=threads, detector_batch=detector_batch,
-                             classifier_batch=classifier_batch, decode_workers=workers)
+                             classifier_batch=classifier_batch, decode_workers=workers, precision=precision,
+                             agreement_floor=agreement_floor, engine=engine)
         runner = Runner(loaded, options)
         providers = runner.open()
         reclassifier = None
@@ -498,6 +503,66 @@ def bench_cmd(
     console.print(f"providers: {providers}; wrote {out / 'bench.json'} and {out / 'bench.md'}", highlight=False)
 
 
+@app.command("quantize")
+def quantize_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle whose model to quantise."),
+    model: str = typer.Option("classifier", help="Model name in the bundle."),
+    precision: str = typer.Option("fp16", help="fp16 or int8 (onnxruntime dynamic, CPU only)."),
+    images: Path = typer.Option(..., exists=True, file_okay=False, help="Photos whose crops measure agreement."),
+    floor: float = typer.Option(0.99, min=0.0, max=1.0, help="Top-1 agreement the quantised model must keep."),
+) -> None:
+    """Add an fp16 or int8 variant of a model, with its measured agreement against fp32 (export extra)."""
+    import numpy as np
+
+    try:
+        from trapedge.export.quantize import add_quantized_model
+    except ImportError as e:
+        _fail(f"quantize needs the export extra (pip install 'trapedge[export]'): {e}")
+    from .classifier import preprocess_crop, to_network_input
+    from .ingest import decode
+
+    if model != "classifier":
+        _fail("quantize measures agreement on classifier crops; use --model classifier")
+    crops = []
+    for record in scan(images):
+        decoded = decode(record)
+        if decoded.ok:
+            for box in ([0.1, 0.1, 0.4, 0.4], [0.4, 0.3, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0]):
+                crops.append(preprocess_crop(decoded.pixels, box))
+    if not crops:
+        _fail(f"{images}: no readable photos to measure agreement on")
+    try:
+        entry = add_quantized_model(bundle, model, precision, {"crops": to_network_input(crops)}, floor,
+                                    inputs_description=f"{len(crops)} crops of photos in {images}",
+                                    log=console.print)
+    except (ValueError, RuntimeError, BundleError) as e:
+        _fail(str(e))
+    console.print(f"{model}_{precision}: agreement {entry.get('agreement')}", highlight=False)
+
+
+engines_app = typer.Typer(help="TensorRT engines for this GPU (needs TensorRT and a CUDA GPU).", no_args_is_help=True)
+app.add_typer(engines_app, name="engines")
+
+
+@engines_app.command("build")
+def engines_build_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle whose ONNX models to build engines for."),
+    model: list[str] = typer.Option(["detector", "classifier"], help="Models to build."),
+    fp32: bool = typer.Option(False, help="Build fp32 engines instead of fp16."),
+    batch: Optional[int] = typer.Option(None, min=1, help="Optimal batch for the profiles."),
+) -> None:
+    """Build fp16 engines on this GPU, cached beside the bundle, keyed by GPU, TensorRT and ONNX hash."""
+    from .engines import ensure_engine
+
+    try:
+        loaded = Bundle.load(bundle)
+        for name in model:
+            path = ensure_engine(loaded, name, fp16=not fp32, batch=batch, log=console.print)
+            console.print(f"{name}: {path}", highlight=False)
+    except (BundleError, BackendError, ValueError) as e:
+        _fail(str(e))
+
+
 @app.command("check-bundle")
 def check_bundle(bundle: Path = typer.Argument(..., help="Artifact bundle folder.")) -> None:
     """Validate a bundle (manifest, hashes, label count) and print what it holds."""
@@ -568,7 +633,8 @@ def demo_cmd(
         _fail(str(e))
     card = copy_samples(out / "card")
     run(dump=card, bundle=bundle, out=out / "results", country=None, admin1=None, geofence=True, device="auto",
-        threads=None, detector_batch=1, classifier_batch=8, workers=2, quiet=False, reclassify=True,
+        threads=None, detector_batch=1, classifier_batch=8, workers=2, precision="fp32", agreement_floor=None,
+        engine="onnx", quiet=False, reclassify=True,
         centroids="dump", scoring=None, target_precision=None, stages_config=None, tau_accept=None, lam=None,
         margin=None, n_min=None, burst_gap=DEFAULT_GAP_S, smoothing=False, event_pooling=False,
         timezone="UTC", lat=0.0, lon=0.0, deployment_id="trapedge-demo")

@@ -28,6 +28,7 @@ __all__ = [
     "engine_path",
     "ensure_engine",
     "gpu_info",
+    "ort_profile_options",
     "strongly_typed",
     "timing_cache_path",
 ]
@@ -155,33 +156,42 @@ def default_profiles(spec: Union[ModelSpec, Mapping[str, Any]], *, batch: Option
         name, inputs, preprocessing = spec.get("name", "model"), spec.get("inputs", []), spec.get("preprocessing", {})
     if not inputs:
         raise BackendError(f"{name}: the manifest declares no inputs, so no TensorRT profile can be chosen")
+    if batch is not None and batch < 1:
+        raise BackendError(f"{name}: batch must be at least 1; got {batch}")
+    stride = int(preprocessing.get("stride", 64))
+    size = _round_up(int(preprocessing.get("image_size", 1280)), stride)
+    spatial = {"height": (stride, _round_up(size * CAMERA_ASPECT, stride), size), "width": (stride, size, size)}
     profiles: dict[str, Profile] = {}
     for declared in inputs:
         shape = list(declared["shape"])
-        is_detector = bool({"height", "width"} & {d for d in shape if not isinstance(d, int)})
-        max_batch = DETECTOR_MAX_BATCH if is_detector else DEFAULT_MAX_BATCH
-        opt_batch = batch if batch is not None else (DETECTOR_OPT_BATCH if is_detector else DEFAULT_OPT_BATCH)
-        if opt_batch < 1:
-            raise BackendError(f"{name}: batch must be at least 1; got {opt_batch}")
-        max_batch = max(max_batch, opt_batch)
-        stride = int(preprocessing.get("stride", 64))
-        size = _round_up(int(preprocessing.get("image_size", 1280)), stride)
-        landscape = {"height": _round_up(size * CAMERA_ASPECT, stride), "width": size}
+        is_detector = any(d in spatial for d in shape)
+        opt_batch = batch or (DETECTOR_OPT_BATCH if is_detector else DEFAULT_OPT_BATCH)
+        max_batch = max(DETECTOR_MAX_BATCH if is_detector else DEFAULT_MAX_BATCH, opt_batch)
         ranges = []
         for dim in shape:
             if isinstance(dim, int):
                 ranges.append((dim, dim, dim))
             elif dim == "batch":
                 ranges.append((1, opt_batch, max_batch))
-            elif dim in ("height", "width"):
-                ranges.append((stride, landscape[dim], size))
+            elif dim in spatial:
+                ranges.append(spatial[dim])
             else:
                 raise BackendError(
                     f"{name}: input {declared['name']!r} has a dynamic dimension {dim!r} with no known range"
                 )
-        lo, opt, hi = (tuple(r[i] for r in ranges) for i in range(3))
-        profiles[declared["name"]] = (lo, opt, hi)
+        profiles[declared["name"]] = tuple(tuple(r[i] for r in ranges) for i in range(3))  # type: ignore[assignment]
     return profiles
+
+
+def ort_profile_options(profiles: Mapping[str, Sequence[Sequence[int]]]) -> dict[str, str]:
+    """The same profiles as onnxruntime TensorRT EP options (trt_profile_min/opt/max_shapes)."""
+    checked = {name: _check_profile(name, p) for name, p in sorted(profiles.items())}
+    return {
+        f"trt_profile_{which}_shapes": ",".join(
+            f"{name}:{'x'.join(str(d) for d in shapes[i])}" for name, shapes in checked.items()
+        )
+        for i, which in enumerate(("min", "opt", "max"))
+    }
 
 
 def build_engine(
@@ -234,12 +244,10 @@ def build_engine(
             raise BackendError(f"{onnx_path}: input {tensor.name!r} has dynamic shape {tuple(tensor.shape)} "
                                "but no profile")
     config.add_optimization_profile(profile)
-    cache = None
     if timing_cache is not None:
         timing_cache = Path(timing_cache)
         previous = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        cache = config.create_timing_cache(previous)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        config.set_timing_cache(config.create_timing_cache(previous), ignore_mismatch=False)
     log(f"building a TensorRT {trt.__version__} engine for {onnx_path.name} "
         f"({'strongly typed' if typed else 'fp16' if fp16 else 'fp32'}); this can take minutes")
     started = time.perf_counter()

@@ -26,6 +26,7 @@ from .ensemble import (
 from .embed import Embedder
 from .faults import checkpoint
 from .ingest import DecodedImage, ImageRecord, decode
+from .quantized import check_agreement
 from .stages import needs_embedding
 
 __all__ = ["ImageResult", "RunOptions", "Runner"]
@@ -49,6 +50,9 @@ class RunOptions:
     decode_workers: int = 2
     chunk: int = 8
     embed: bool = True
+    precision: str = "fp32"
+    agreement_floor: Optional[float] = None
+    engine: str = "onnx"
 
 
 @dataclass
@@ -85,11 +89,8 @@ class Runner:
         self.bundle = bundle
         self.options = options
         self.timer = StageTimer()
-        cache = bundle.root / ".engines"
-        self.detector = OnnxBackend(bundle.model("detector").path, options.device, options.threads, cache)
-        self.classifier = OnnxBackend(
-            bundle.model("classifier").path, options.device, options.threads, cache
-        )
+        self.detector = self._backend("detector", options.detector_batch)
+        self.classifier = self._backend("classifier", options.classifier_batch)
         self.ensemble = Ensemble.from_files(
             bundle.file("taxonomy"), bundle.file("geofence"), options.enable_geofence
         )
@@ -101,6 +102,24 @@ class Runner:
                 if k in det_ops.DetectorConfig.__dataclass_fields__
             }
         )
+
+    def _backend(self, name: str, batch: int):
+        """The model to run: its quantised variant when asked for (refused below its agreement floor)."""
+        chosen = name
+        if self.options.precision != "fp32":
+            variant = f"{name}_{self.options.precision}"
+            if self.bundle.has_model(variant):
+                check_agreement(self.bundle.model(variant).raw, self.options.agreement_floor)
+                chosen = variant
+            else:
+                logger.warning("%s: no %s model in the bundle; running fp32", name, self.options.precision)
+        if self.options.engine == "tensorrt-native":
+            from .engines import TensorRTBackend
+
+            return TensorRTBackend.from_bundle(self.bundle, chosen, fp16=self.options.precision == "fp16",
+                                               batch=batch, log=logger.info)
+        return OnnxBackend(self.bundle.model(chosen).path, self.options.device, self.options.threads,
+                           self.bundle.root / ".engines")
 
     def open(self) -> dict[str, list[str]]:
         """Opens both sessions, checks the classifier against the labels, returns providers in use."""
