@@ -103,7 +103,9 @@ class StageConfig:
 
 
 def label_depth(label: str) -> int:
-    """0 for animal (kingdom) up to 5 for species; -1 for labels outside the tree (blank, vehicle...)."""
+    """0 for animal (kingdom) up to 5 for species; -1 for labels outside the tree (blank, vehicle, unknown)."""
+    if label == Classification.UNKNOWN:
+        return -1
     ranks = split_label(label)[1:6]
     depth = 0
     for i, rank in enumerate(ranks):
@@ -337,13 +339,19 @@ def score(embeddings: np.ndarray, labels: Sequence[str], det_conf: np.ndarray, c
     if thresholds:
         adaptive = np.array([thresholds.get(lab, t) for lab, t in zip(cents.labels, adaptive)])
     cache: dict[str, np.ndarray] = {}
+    ranks = np.array([_ranks(lab) for lab in cents.labels], dtype=object).reshape(len(cents), 5)
+    depths = np.array([label_depth(lab) for lab in cents.labels], dtype=np.int64)
     decisions: list[Optional[Decision]] = []
     for x, original, conf in zip(x_all, labels, det_conf):
         if original == Classification.BLANK and conf < config.blank_floor:
             decisions.append(None)
             continue
         if original not in cache:
-            cache[original] = np.array([is_descendant(lab, original) for lab in cents.labels], dtype=bool) & permitted
+            depth = 0 if original == Classification.BLANK else label_depth(original)
+            mask = (depths > depth) & permitted if depth >= 0 else np.zeros(len(cents), dtype=bool)
+            if depth > 0:
+                mask &= (ranks[:, :depth] == np.array(_ranks(original)[:depth], dtype=object)).all(axis=1)
+            cache[original] = mask
         candidates = cache[original]
         decision = None
         for level in config.levels:
