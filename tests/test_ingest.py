@@ -68,3 +68,13 @@ def test_decoded_pixels_equal_speciesnet_loader(tmp_path: Path, photos) -> None:
 def test_capture_time_from_real_exif(photos) -> None:
     record = next(scan(photos[0].parent))
     assert decode(record).captured == "2021-04-11T20:43:09"
+
+
+def test_file_vanishing_after_the_scan_is_a_recorded_failure(tmp_path: Path, photos) -> None:
+    shutil.copy(photos[0], tmp_path / "a.JPG")
+    shutil.copy(photos[1], tmp_path / "b.JPG")
+    records = list(scan(tmp_path))
+    (tmp_path / "a.JPG").unlink()  # the card was pulled, or the file deleted, mid-run
+    results = [decode(r) for r in records]
+    assert not results[0].ok and "FileNotFoundError" in results[0].error
+    assert results[1].ok
