@@ -86,7 +86,7 @@ def main() -> None:
     sample_out = args.work / "sample-out"
     wall, log = _run(copy_samples(args.work / "sample-card"), bundle, sample_out)
     timing = log.split("Per-stage time")[1]
-    store_ms = sum(float(line.split("│")[5]) for line in timing.splitlines()
+    store_ms = sum(float(line.split("│")[-2]) for line in timing.splitlines()
                    if line.startswith("│ store"))
     result = {"images": args.images, "resume_s": resume_s, "python_import_s": import_s, "target_resume_s": 2.0,
               "sample_run_wall_s": wall, "store_ms": store_ms, "store_share": store_ms / 1000 / wall,

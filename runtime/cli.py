@@ -180,6 +180,15 @@ def run(
     store.close()
 
 
+def _timing_table(stages: dict, title: str) -> Table:
+    """Per-stage count, mean, p50, p95 and total milliseconds as a rich table."""
+    table = Table("stage", "count", "mean ms", "p50 ms", "p95 ms", "total ms", title=title)
+    for stage, s in stages.items():
+        table.add_row(stage, str(s["count"]), f"{s['mean_ms']:.1f}", f"{s['p50_ms']:.1f}", f"{s['p95_ms']:.1f}",
+                      f"{s['total_ms']:.0f}")
+    return table
+
+
 def _log_to(out: Path) -> None:
     handler = logging.FileHandler(out / "trapedge.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -280,10 +289,7 @@ def _summary(predictions: list, images: list, results: list, runner: Runner, sec
         console.print(table)
     if reclassifier is not None:
         console.print(f"re-classification: {reclassifier.summary}", highlight=False)
-    timing = Table("stage", "count", "mean ms", "p95 ms", "total ms", title="Per-stage time")
-    for stage, s in runner.timer.summary().items():
-        timing.add_row(stage, str(s["count"]), f"{s['mean_ms']:.1f}", f"{s['p95_ms']:.1f}", f"{s['total_ms']:.0f}")
-    console.print(timing)
+    console.print(_timing_table(runner.timer.summary(), "Per-stage time"))
 
 
 def _stage_config(bundle: Bundle, path: Optional[Path], **overrides) -> StageConfig:
@@ -494,12 +500,8 @@ def bench_cmd(
     atomic_write_text(out / "bench.json", json.dumps(result, indent=2) + "\n")
     markdown = report_markdown(result)
     atomic_write_text(out / "bench.md", markdown)
-    table_view = Table("stage", "count", "mean ms", "p50 ms", "p95 ms", "total ms",
-                       title=f"{result['images_per_s']:.3f} images/s, peak RSS {result['peak_rss_mib']:.0f} MiB")
-    for stage, s in stages.items():
-        table_view.add_row(stage, str(s["count"]), f"{s['mean_ms']:.1f}", f"{s['p50_ms']:.1f}",
-                           f"{s['p95_ms']:.1f}", f"{s['total_ms']:.0f}")
-    console.print(table_view)
+    console.print(_timing_table(stages, f"{result['images_per_s']:.3f} images/s, peak RSS "
+                                        f"{result['peak_rss_mib']:.0f} MiB"))
     console.print(f"providers: {providers}; wrote {out / 'bench.json'} and {out / 'bench.md'}", highlight=False)
 
 
