@@ -88,6 +88,8 @@ def run(
     agreement_floor: Optional[float] = typer.Option(None, help="Refuse a quantised model whose recorded top-1 "
                                                                "agreement with fp32 is below this."),
     engine: str = typer.Option("onnx", help="onnx (ONNX Runtime providers) or tensorrt-native."),
+    draft: bool = typer.Option(False, help="Decode large JPEGs at reduced size for the detector (faster; boxes no "
+                                           "longer bit-identical to SpeciesNet's); crops stay full resolution."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     reclassify: bool = typer.Option(True, help="Run pass 2: the five re-classification stages."),
     centroids: str = typer.Option("dump", help=f"Centroid source: {', '.join(CENTROID_SOURCES)}."),
@@ -116,7 +118,7 @@ def run(
         options = RunOptions(country=country, admin1_region=admin1, enable_geofence=geofence,
                              device=device, threads=threads, detector_batch=detector_batch,
                              classifier_batch=classifier_batch, decode_workers=workers, precision=precision,
-                             agreement_floor=agreement_floor, engine=engine)
+                             agreement_floor=agreement_floor, engine=engine, draft=draft)
         runner = Runner(loaded, options)
         providers = runner.open()
         reclassifier = None
@@ -636,7 +638,7 @@ def demo_cmd(
     card = copy_samples(out / "card")
     run(dump=card, bundle=bundle, out=out / "results", country=None, admin1=None, geofence=True, device="auto",
         threads=None, detector_batch=1, classifier_batch=8, workers=2, precision="fp32", agreement_floor=None,
-        engine="onnx", quiet=False, reclassify=True,
+        engine="onnx", draft=False, quiet=False, reclassify=True,
         centroids="dump", scoring=None, target_precision=None, stages_config=None, tau_accept=None, lam=None,
         margin=None, n_min=None, burst_gap=DEFAULT_GAP_S, smoothing=False, event_pooling=False,
         timezone="UTC", lat=0.0, lon=0.0, deployment_id="trapedge-demo")

@@ -53,6 +53,7 @@ class RunOptions:
     precision: str = "fp32"
     agreement_floor: Optional[float] = None
     engine: str = "onnx"
+    draft: bool = False
 
 
 @dataclass
@@ -152,7 +153,7 @@ class Runner:
 
     def _decode(self, record: ImageRecord) -> _Work:
         with self.timer.stage("decode"):
-            image = decode(record)
+            image = decode(record, self.detector_config.image_size if self.options.draft else None)
         work = _Work(image)
         if image.ok:
             with self.timer.stage("letterbox"):
@@ -201,7 +202,7 @@ class Runner:
             prediction["failures"] = [Failure.DETECTOR.name]
             prediction["failure_reason"] = image.error
         else:
-            result.height, result.width = image.pixels.shape[:2]
+            result.height, result.width = image.full_size or image.pixels.shape[:2]
             if self.options.country:
                 prediction["country"] = self.options.country
             if self.options.admin1_region:
@@ -218,8 +219,13 @@ class Runner:
             for work, result in zip(chunk, results):
                 if not work.image.ok:
                     continue
+                wanted = [det["conf"] >= threshold for det in result.prediction["detections"]]
+                if any(wanted) and work.image.drafted:
+                    full = decode(work.image.record)  # crops always come from full resolution
+                    if full.ok:
+                        work.image.pixels, work.image.drafted = full.pixels, False
                 for idx, det in enumerate(result.prediction["detections"]):
-                    if det["conf"] < threshold:
+                    if not wanted[idx]:
                         continue
                     crop = cls_ops.preprocess_crop(work.image.pixels, det["bbox"])
                     if crop is None:

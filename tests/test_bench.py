@@ -56,3 +56,34 @@ def test_runtime_stays_python_310_compatible() -> None:
     proc = subprocess.run([vermin, "--no-tips", "--violations", "-t=3.10-", "--eval-annotations", str(root)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_draft_decoding_keeps_boxes_close_and_crops_full_resolution(bundle: Path, tmp_path: Path, photos) -> None:
+    from PIL import Image
+
+    big = tmp_path / "big"
+    big.mkdir()
+    for p in photos[:3]:  # 4096x2880: draft decodes at 1/2
+        Image.open(p).resize((4096, 2880)).save(big / p.name, quality=92)
+    loaded = Bundle.load(bundle)
+    records = list(scan(big))
+    full = [r for r in Runner(loaded, RunOptions(device="cpu")).process(records, big)]
+    draft = [r for r in Runner(loaded, RunOptions(device="cpu", draft=True)).process(records, big)]
+    matched = total = 0
+    for a, b in zip(full, draft):
+        assert (b.width, b.height) == (a.width, a.height) == (4096, 2880)
+        for d in (d for d in b.prediction["detections"] if d["conf"] >= 0.2):
+            total += 1
+            matched += max(_iou(d["bbox"], e["bbox"]) for e in a.prediction["detections"]) > 0.5
+        classified = [d for d in b.prediction["detections"] if "raw_classifications" in d]
+        assert len(classified) == len([d for d in b.prediction["detections"] if d["conf"] >= 0.1])
+    # The draft changes the detector's pixels, so boxes are close, not equal (this random detector is touchy).
+    assert total and matched / total >= 0.5, (matched, total)
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    ax2, ay2, bx2, by2 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
+    w = max(0.0, min(ax2, bx2) - max(a[0], b[0]))
+    h = max(0.0, min(ay2, by2) - max(a[1], b[1]))
+    inter = w * h
+    return inter / max(a[2] * a[3] + b[2] * b[3] - inter, 1e-12)
