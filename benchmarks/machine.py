@@ -10,30 +10,19 @@ from typing import Any
 
 
 def describe() -> dict[str, Any]:
-    """CPU model, cores, memory, Python and key package versions."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                memory_gib = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    versions = {}
+    """The runtime's machine description (CPU, cores, memory, GPU/Jetson) plus key package versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from trapedge.runtime.bench import machine
+
+    info = machine()
+    info["versions"] = {}
     for name in ("onnxruntime", "torch", "numpy", "speciesnet"):
         try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # a missing or broken package is just not reported
-            versions[name] = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory_gib, "python": platform.python_version(),
-            "platform": platform.platform(), "versions": versions}
+            info["versions"][name] = version(name)
+        except PackageNotFoundError:
+            info["versions"][name] = None
+    return info
 
 
 def write(name: str, result: dict[str, Any], table: list[tuple[str, str]], folder: Path | None = None) -> Path:

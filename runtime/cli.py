@@ -172,13 +172,13 @@ def run(
                 results.append(result)
                 elapsed = time.perf_counter() - started
                 progress.update(task, advance=1, rate=f"{len(results) / elapsed:.2f} img/s")
-        predictions = _finish(store, dump, out, loaded, reclassifier, runner.timer, burst_gap)
+        predictions, images = _finish(store, dump, out, loaded, reclassifier, runner.timer, burst_gap)
     except (OSError, sqlite3.Error) as e:
         store.close()
         _fail(f"{out}: cannot write results ({e}); what was committed is kept: free space or fix the "
               f"folder and run the same command again to resume")
     if not quiet:
-        _summary(predictions, store.images(dump), results, runner, time.perf_counter() - started, out, reclassifier)
+        _summary(predictions, images, results, runner, time.perf_counter() - started, out, reclassifier)
     store.close()
 
 
@@ -211,11 +211,11 @@ def _open_store(out: Path, bundle: Bundle, dump: Path) -> Store:
 
 
 def _finish(store: Store, dump: Path, out: Path, bundle: Bundle, reclassifier: Optional[Reclassifier],
-            timer, burst_gap: float = DEFAULT_GAP_S) -> list[dict]:
+            timer, burst_gap: float = DEFAULT_GAP_S) -> tuple[list[dict], list[dict]]:
     """Pass 2 over everything in the store, then every output written from the store."""
     predictions = store.predictions(dump)
+    images = store.images(dump)
     if reclassifier is not None:
-        images = store.images(dump)
         events = group_events(images, burst_gap)
         reclassifier.events = {image["filepath"]: events[image["key"]] for image in images}
         paths, dets, vectors = store.embeddings(dump)
@@ -226,8 +226,8 @@ def _finish(store: Store, dump: Path, out: Path, bundle: Bundle, reclassifier: O
         with timer.stage("store"):
             store.save_predictions(predictions, dump)
     with timer.stage("write"):
-        _write_outputs(store, dump, out, predictions, _info(bundle, reclassifier), FORMATS)
-    return predictions
+        _write_outputs(store, dump, out, predictions, _info(bundle, reclassifier), FORMATS, images)
+    return predictions, images
 
 
 FORMATS = ("speciesnet", "megadetector", "camtrap-dp", "csv")
@@ -244,9 +244,9 @@ def _deployment(store: Store, dump: Path) -> Optional[Deployment]:
 
 
 def _write_outputs(store: Store, dump: Path, out: Path, predictions: list[dict], info: dict,
-                   formats: tuple[str, ...]) -> list[Path]:
+                   formats: tuple[str, ...], images: Optional[list[dict]] = None) -> list[Path]:
     """Writes the requested formats from the store, each atomically; returns what was written."""
-    images = store.images(dump)
+    images = images if images is not None else store.images(dump)
     infos = {i["filepath"]: ImageInfo(**i) for i in images}
     written = []
     if "speciesnet" in formats:

@@ -127,7 +127,7 @@ def _pair(ours: list[dict], theirs: list[dict]) -> list[tuple[dict, dict]]:
 
 
 def _tied(scores: list[float], ours: list[str], theirs: list[str]) -> bool:
-    """True when classes differ only where SpeciesNet's own scores are tied within tolerance."""
+    """True when classes differ only where SpeciesNet's scores tie, or at the last listed rank (its rival is not listed)."""
     tol = 2 * (SCORE_TOL + ROUNDING)
     for i, (a, b) in enumerate(zip(ours, theirs)):
         if a != b and not any(abs(scores[i] - scores[j]) <= tol for j in range(len(scores)) if j != i) \
