@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 import machine  # noqa: E402
-from paths import MEDIA  # noqa: E402
+from trapedge.runtime.demo import SAMPLE_DATA as MEDIA  # noqa: E402  (the packaged sample photos)
 
 
 def main() -> None:

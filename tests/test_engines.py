@@ -578,6 +578,7 @@ def _tiny_onnx(path: Path) -> Path:
 
 
 @pytest.mark.gpu
+@pytest.mark.tensorrt
 @pytest.mark.parametrize("fp16, tolerance", [(False, 1e-3), (True, 3e-2)])
 def test_real_engine_matches_onnxruntime(tmp_path: Path, fp16: bool, tolerance: float):
     pytest.importorskip("tensorrt", reason="TensorRT Python bindings are not installed")
