@@ -134,3 +134,9 @@ class Bundle:
     def model_version(self) -> str:
         """SpeciesNet model version the bundle was exported from."""
         return str(self.manifest.get("speciesnet", {}).get("model_version", "unknown"))
+
+    @property
+    def data_version(self) -> int:
+        """Version of the geofence and taxonomy data (`trapedge bundle update`); 0 if never updated."""
+        data = self.manifest.get("data")
+        return int(data.get("version", 0)) if isinstance(data, dict) else 0
