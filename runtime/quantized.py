@@ -1,12 +1,25 @@
-"""Refuses quantised bundle models whose recorded agreement with their base model is below a floor."""
+"""Refuses quantised bundle models whose recorded agreement with their base model is below a floor.
+
+`trapedge quantize` records, per quantised model, `agreement` (measured against fp32 on held-out photos) and
+`agreement_floor` ({metric: floor}). The classifier is gated on `top1_agreement` and `feature_cosine` (the
+mean cosine of the pooled `features` output), the detector on `boxes_found` (share of fp32 boxes the
+quantised model finds). A bare number as floor (older bundles) gates top-1 agreement only.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Optional
 
 from .bundle import BundleError
 
-__all__ = ["check_agreement", "is_quantized"]
+__all__ = ["METRICS", "check_agreement", "check_tensorrt", "floors", "is_quantized"]
+
+METRICS = {
+    "top1_agreement": "top-1 agreement",
+    "feature_cosine": "mean feature cosine",
+    "boxes_found": "fp32 boxes found",
+}
 
 
 def is_quantized(spec_raw: Mapping[str, Any]) -> bool:
@@ -14,22 +27,78 @@ def is_quantized(spec_raw: Mapping[str, Any]) -> bool:
     return bool(spec_raw.get("base_model")) or spec_raw.get("precision", "fp32") != "fp32"
 
 
+def _gated(agreement: Mapping[str, Any]) -> tuple[str, ...]:
+    if "boxes_found" in agreement:
+        return ("boxes_found",)
+    if agreement.get("feature_cosine") is not None:
+        return ("top1_agreement", "feature_cosine")
+    return ("top1_agreement",)
+
+
+def _is_fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def floors(spec_raw: Mapping[str, Any], floor: Optional[float] = None) -> dict[str, float]:
+    """The floor per gated metric: `floor` (if given) for every metric the model is gated on, else the
+    recorded ones. Raises BundleError for a floor that is not a number in [0, 1]."""
+    label = f"{spec_raw.get('file', 'model')}: {spec_raw.get('precision', 'quantised')} model"
+    agreement = spec_raw.get("agreement") or {}
+    recorded = spec_raw.get("agreement_floor")
+    if isinstance(recorded, Mapping):
+        chosen = dict(recorded)
+    elif recorded is None:
+        chosen = {}
+    else:
+        chosen = {metric: recorded for metric in _gated(agreement)}
+    if floor is not None:
+        chosen = {metric: floor for metric in (chosen or _gated(agreement))}
+    for metric, value in chosen.items():
+        if metric not in METRICS:
+            raise BundleError(f"{label}: unknown agreement metric {metric!r} in its floor")
+        if not _is_fraction(value):
+            raise BundleError(f"{label}: agreement floor {value!r} is not a number in [0, 1]")
+    return chosen
+
+
+def _figure(value: float) -> str:
+    """Four decimals, truncated, so a figure below its floor never prints as equal to it."""
+    return f"{math.floor(value * 1e4) / 1e4:.4f}"
+
+
 def check_agreement(spec_raw: Mapping[str, Any], floor: Optional[float]) -> None:
-    """Raises BundleError when a quantised model's top-1 agreement is below `floor` (or its recorded floor)."""
+    """Raises BundleError (one line: measured figures and floors) when a quantised model's recorded agreement
+    is below any floor: `floor` for every gated metric when given, else the floors recorded with it."""
     if not is_quantized(spec_raw):
         return
-    where = spec_raw.get("file", "model")
-    label = f"{where}: {spec_raw.get('precision', 'quantised')} model"
+    label = f"{spec_raw.get('file', 'model')}: {spec_raw.get('precision', 'quantised')} model"
     base = spec_raw.get("base_model", "its base model")
-    if floor is None:
-        floor = spec_raw.get("agreement_floor")
-    if floor is not None and not (isinstance(floor, (int, float)) and 0.0 <= floor <= 1.0):
-        raise BundleError(f"{label}: agreement floor {floor!r} is not a number in [0, 1]")
-    measured = (spec_raw.get("agreement") or {}).get("top1_agreement")
-    if not isinstance(measured, (int, float)):
-        raise BundleError(f"{label} has no recorded top-1 agreement with {base}; quantise it again")
-    if floor is not None and measured < floor:
-        count = (spec_raw.get("agreement") or {}).get("count")
-        on = f" on {count} inputs" if count else ""
-        raise BundleError(f"{label} agrees with {base} on top-1 for {measured:.3f}{on}, below the floor "
-                          f"{floor:.3f}; use {base} or lower the floor")
+    chosen = floors(spec_raw, floor)
+    agreement = spec_raw.get("agreement") or {}
+    for metric in chosen or _gated(agreement):
+        if metric == "boxes_found" and agreement.get("boxes") == 0:
+            raise BundleError(f"{label}: its agreement with {base} was measured on no fp32 boxes (none at conf >= "
+                              f"{agreement.get('min_conf')} on {agreement.get('count')} held-out photos); quantise "
+                              "it again with more photos (--images)")
+        if not _is_fraction(agreement.get(metric)):
+            raise BundleError(f"{label} has no recorded {METRICS[metric]} with {base}; quantise it again")
+    below = [metric for metric, value in chosen.items() if agreement[metric] < value]
+    if not below:
+        return
+    figures = ", ".join(f"{METRICS[m]} {_figure(agreement[m])} (floor {v:.4f}{', below' if m in below else ''})"
+                        for m, v in chosen.items())
+    if "boxes_found" in chosen:
+        on = (f"{agreement.get('found')}/{agreement.get('boxes')} boxes at conf >= {agreement.get('min_conf')} "
+              f"on {agreement.get('count')} held-out photos")
+    else:
+        on = f"{agreement.get('count')} held-out inputs"
+    raise BundleError(f"{label} agreement with {base} is below the floor: {figures}, on {on}; "
+                      f"use {base} or lower the floor")
+
+
+def check_tensorrt(spec_raw: Mapping[str, Any]) -> None:
+    """Raises BundleError for a quantised model TensorRT cannot build (uint8 asymmetric activations)."""
+    if (spec_raw.get("quantization") or {}).get("tensorrt") is False:
+        raise BundleError(f"{spec_raw.get('file', 'model')}: quantised with "
+                          f"{spec_raw['quantization'].get('activations', 'asymmetric')} activations, which TensorRT "
+                          "refuses; quantise it again with --activations int8 for TensorRT")

@@ -1,10 +1,9 @@
-"""fp16 and dynamic int8 copies of bundle models: files, agreement numbers, manifest records and refusal."""
+"""fp16 and static int8 (QDQ) bundle models: files, calibration, agreement figures, manifest records, refusal."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,15 +15,31 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from trapedge.export.quantize import (  # noqa: E402
-    CONV_OP_TYPES,
+    BOX_CONF_TOLERANCE,
+    BOX_MIN_CONF,
+    BOX_MIN_IOU,
+    DEFAULT_METHOD,
+    RuntimeInputs,
     add_quantized_model,
-    agreement,
+    boundary_nodes,
+    box_iou,
+    classifier_agreement,
+    collect_photos,
+    detector_agreement,
+    match_boxes,
+    model_reader,
+    quantize_bundle,
     quantize_fp16,
-    quantize_int8_dynamic,
+    quantize_int8_static,
+    runtime_inputs,
+    split_photos,
 )
+from trapedge.runtime import detector as det_ops  # noqa: E402
 from trapedge.runtime.bundle import Bundle, BundleError, sha256_file  # noqa: E402
 from trapedge.runtime.classifier import preprocess_crop, to_network_input  # noqa: E402
-from trapedge.runtime.quantized import check_agreement, is_quantized  # noqa: E402
+from trapedge.runtime.demo import SAMPLE_DATA  # noqa: E402
+from trapedge.runtime.ingest import decode  # noqa: E402
+from trapedge.runtime.quantized import check_agreement, check_tensorrt, floors, is_quantized  # noqa: E402
 
 NUM_CLASSES = 12
 CROP = 480
@@ -123,7 +138,7 @@ def test_fp16_halves_the_weights_and_keeps_float32_io(tiny_cnn: Path, real_crops
     assert info["converter"]
     assert _io_types(out) == {onnx.TensorProto.FLOAT}
     assert onnx.TensorProto.FLOAT16 in _initializer_types(out)
-    measured = agreement(tiny_cnn, out, real_crops)
+    measured = classifier_agreement(tiny_cnn, out, real_crops)
     assert measured["count"] == len(real_crops)
     assert measured["top1_agreement"] >= 0.95
     assert measured["max_feature_diff"] < 0.05 and measured["min_feature_cosine"] > 0.999
@@ -138,7 +153,7 @@ def test_fp16_converters_handle_an_output_that_feeds_the_head(converter: str, ti
     info = quantize_fp16(tiny_cnn, out, converter=converter)
     assert info["converter"].startswith(converter)
     assert info["separated_outputs"] == 1
-    measured = agreement(tiny_cnn, out, real_crops[:8])
+    measured = classifier_agreement(tiny_cnn, out, real_crops[:8])
     assert measured["max_logit_diff"] < 0.25 and measured["min_feature_cosine"] > 0.999
 
 
@@ -150,139 +165,412 @@ def test_fp16_falls_back_to_onnxruntime_without_onnxconverter_common(monkeypatch
     assert info["converter"].startswith("onnxruntime ")
 
 
-def test_int8_dynamic_quantizes_gemm_by_default_and_conv_on_request(tiny_cnn: Path, real_crops: np.ndarray,
-                                                                    tmp_path: Path):
-    default = quantize_int8_dynamic(tiny_cnn, tmp_path / "gemm.onnx")
-    assert default["quantized_nodes"] == {"DynamicQuantizeLinear": 1, "MatMulInteger": 1}
-    out = tmp_path / "classifier_int8.onnx"
-    info = quantize_int8_dynamic(tiny_cnn, out, op_types=CONV_OP_TYPES)
-    assert out.is_file() and info["bytes_out"] < info["bytes_in"]
-    assert info["quantized_nodes"].get("ConvInteger") == 3
-    assert info["quantized_nodes"].get("MatMulInteger") == 1
-    measured = agreement(tiny_cnn, out, real_crops)
-    assert 0.0 <= measured["top1_agreement"] <= 1.0
-    assert measured["max_logit_diff"] > 0.0
-
-
-def test_random_weight_mlp_fp16_and_int8(random_mlp: Path, tmp_path: Path):
+def test_random_weight_mlp_fp16(random_mlp: Path, tmp_path: Path):
     x = np.random.default_rng(2).standard_normal((64, 256)).astype(np.float32)
-    for name, quantize, ratio in (("fp16", quantize_fp16, 0.55), ("int8", quantize_int8_dynamic, 0.30)):
-        out = tmp_path / f"mlp_{name}.onnx"
-        info = quantize(random_mlp, out)
-        assert info["bytes_out"] < ratio * info["bytes_in"], name
-        measured = agreement(random_mlp, out, {"embedding": x})
-        assert set(measured) >= {"top1_agreement", "top5_agreement", "max_logit_diff", "max_feature_diff"}
-        assert measured["max_feature_diff"] is None
-        assert measured["top1_agreement"] >= 0.9, (name, measured)
+    out = tmp_path / "mlp_fp16.onnx"
+    info = quantize_fp16(random_mlp, out)
+    assert info["bytes_out"] < 0.55 * info["bytes_in"]
+    measured = classifier_agreement(random_mlp, out, {"embedding": x})
+    assert measured["max_feature_diff"] is None and measured["feature_cosine"] is None
+    assert measured["top1_agreement"] >= 0.9, measured
 
 
-def _labels(count: int) -> list[str]:
-    return [f"{i:08x}-0000-4000-8000-000000000000;mammalia;order;family;genus{i};species{i};animal {i}"
-            for i in range(count)]
+# --- photos: calibration and held-out sets -------------------------------------------------------------
 
 
-@pytest.fixture()
-def tiny_bundle(tiny_cnn: Path, tmp_path: Path) -> Path:
-    """A minimal valid bundle whose classifier is the tiny CNN."""
-    root = tmp_path / "bundle"
-    root.mkdir()
-    shutil.copyfile(tiny_cnn, root / "classifier.onnx")
-    (root / "labels.txt").write_text("\n".join(_labels(NUM_CLASSES)) + "\n")
-    (root / "taxonomy.txt").write_text("\n".join(_labels(NUM_CLASSES)) + "\n")
-    (root / "geofence.json").write_text("{}\n")
-    manifest = {
-        "schema_version": 1,
-        "kind": "trapedge-bundle",
-        "models": {"classifier": {
-            "file": "classifier.onnx", "sha256": sha256_file(root / "classifier.onnx"), "format": "onnx",
-            "opset": 17,
-            "inputs": [{"name": "crops", "dtype": "float32", "shape": ["batch", CROP, CROP, 3]}],
-            "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", NUM_CLASSES]},
-                        {"name": "features", "dtype": "float32", "shape": ["batch", FEATURES]}],
-            "preprocessing": {"layout": "NHWC", "size": CROP},
-            "parity": {"top1_agreement": 1.0},
-        }},
-        "files": {name: {"file": file, "sha256": sha256_file(root / file)}
-                  for name, file in (("labels", "labels.txt"), ("taxonomy", "taxonomy.txt"),
-                                     ("geofence", "geofence.json"))},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return root
+def test_photos_are_deduplicated_and_split_disjointly(photos: list[Path], tmp_path: Path):
+    copies = tmp_path / "card" / "100MEDIA"
+    copies.mkdir(parents=True)
+    for i, path in enumerate(photos[:4]):
+        shutil.copyfile(path, copies / f"COPY_{i}.JPG")  # the same bytes under other names
+    found = collect_photos([SAMPLE_DATA, tmp_path / "card"])
+    assert len(found) == len({sha256_file(p) for p in SAMPLE_DATA.glob("*.JPG")}) == 10
+    calibration, held_out = split_photos(found)
+    assert {p.sha256 for p in calibration}.isdisjoint({p.sha256 for p in held_out})
+    assert {p.sha256 for p in calibration} | {p.sha256 for p in held_out} == {p.sha256 for p in found}
+    assert len(calibration) == len(held_out) == 5
+    again = split_photos(list(reversed(found)) + found[:3])
+    assert [p.sha256 for p in again[1]] == [p.sha256 for p in held_out]
+    small_calibration, small_held_out = split_photos(found, max_photos=4)
+    assert len(small_calibration) == len(small_held_out) == 2
+    with pytest.raises(ValueError, match="at least 2 distinct photos"):
+        split_photos(found[:1] * 3)
 
 
-def test_add_quantized_model_records_the_manifest(tiny_bundle: Path, real_crops: np.ndarray):
-    for precision in ("fp16", "int8"):
-        options = {"op_types": CONV_OP_TYPES} if precision == "int8" else None
-        entry = add_quantized_model(tiny_bundle, "classifier", precision, real_crops, 0.5,
-                                    inputs_description="real crops", options=options, log=lambda _: None)
-        assert entry["file"] == f"classifier_{precision}.onnx"
-    int8 = json.loads((tiny_bundle / "manifest.json").read_text())["models"]["classifier_int8"]
-    assert int8["quantization"]["op_types"] == list(CONV_OP_TYPES)
-    bundle = Bundle.load(tiny_bundle)
-    for precision in ("fp16", "int8"):
-        raw = bundle.manifest["models"][f"classifier_{precision}"]
-        assert raw["sha256"] == sha256_file(tiny_bundle / raw["file"])
-        assert raw["precision"] == precision and raw["base_model"] == "classifier"
-        assert raw["agreement_floor"] == 0.5 and raw["agreement"]["inputs"] == "real crops"
-        assert raw["agreement"]["count"] == len(real_crops)
-        assert raw["outputs"] == bundle.manifest["models"]["classifier"]["outputs"]
-        assert "parity" not in raw
-        assert is_quantized(raw)
-        check_agreement(raw, None)
-    assert not is_quantized(bundle.manifest["models"]["classifier"])
-    check_agreement(bundle.manifest["models"]["classifier"], 0.99)
-    with pytest.raises(ValueError, match="already derived"):
-        add_quantized_model(tiny_bundle, "classifier_int8", "int8", real_crops, None)
-
-
-def test_quantized_model_below_the_floor_is_refused(tiny_bundle: Path, real_crops: np.ndarray):
-    add_quantized_model(tiny_bundle, "classifier", "int8", real_crops, 0.9, log=lambda _: None)
-    raw = json.loads((tiny_bundle / "manifest.json").read_text())["models"]["classifier_int8"]
-    raw["agreement"]["top1_agreement"] = 0.8
-    with pytest.raises(BundleError) as refused:
-        check_agreement(raw, None)
-    message = str(refused.value)
-    assert "\n" not in message
-    assert "classifier_int8.onnx" in message and "0.800" in message and "0.900" in message
-    check_agreement(raw, 0.75)
-    with pytest.raises(BundleError, match="0.850"):
-        check_agreement(raw, 0.85)
-    raw["agreement_floor"] = None
-    check_agreement(raw, None)
-    del raw["agreement"]
-    with pytest.raises(BundleError, match="no recorded top-1 agreement"):
-        check_agreement(raw, None)
-
-
-def test_top1_agreement_on_real_photo_crops(tiny_cnn: Path, real_crops: np.ndarray, tmp_path: Path,
-                                            record_property):
-    results = {}
-    variants = (("fp16", quantize_fp16, {}), ("int8", quantize_int8_dynamic, {}),
-                ("int8_conv", quantize_int8_dynamic, {"op_types": CONV_OP_TYPES}))
-    for name, quantize, options in variants:
-        out = tmp_path / f"classifier_{name}.onnx"
-        quantize(tiny_cnn, out, **options)
-        results[name] = agreement(tiny_cnn, out, real_crops)
-        record_property(f"{name}_top1_agreement", results[name]["top1_agreement"])
-    print(json.dumps({k: {m: v[m] for m in ("count", "top1_agreement", "top5_agreement", "max_logit_diff")}
-                      for k, v in results.items()}))
-    assert results["fp16"]["top1_agreement"] >= 0.95
-    assert results["int8"]["top1_agreement"] >= 0.75
-    assert results["int8_conv"]["top1_agreement"] >= 0.6
-
-
-def test_quantize_cli_then_run_with_the_int8_variant(bundle_copy: Path, photos, tmp_path: Path) -> None:
+def test_runtime_inputs_are_what_trapedge_run_feeds_the_models(bundle: Path, photos: list[Path], tmp_path: Path):
     from test_end_to_end import run_cli
 
-    proc = subprocess.run([sys.executable, "-m", "trapedge.runtime.cli", "quantize", str(bundle_copy), "--precision",
-                           "int8", "--images", str(photos[0].parent), "--floor", "0.5"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    card = tmp_path / "card"
+    card.mkdir()
+    for path in photos[:3]:
+        shutil.copyfile(path, card / path.name)
+    (card / "grey.png").write_bytes(b"")  # unreadable: skipped by collect_photos (empty file)
+    from PIL import Image
+
+    Image.fromarray(np.full((600, 800, 3), 128, np.uint8)).save(card / "flat.png")  # no detections
+    run_cli("run", str(card), "--bundle", str(bundle), "--out", str(tmp_path / "out"), "--quiet")
+    predictions = {Path(p["filepath"]).name: p for p in
+                   json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"]}
+    loaded = Bundle.load(bundle)
+    found = collect_photos([card])
+    assert len(found) == 4
+    inputs = runtime_inputs(loaded, found)
+    threshold = loaded.manifest["speciesnet"]["detection_threshold_for_classification"]
+    assert len(inputs.images) == len(inputs.detections) == len(found)
+    expected_crops, whole = [], 0
+    for photo, boxed, detections in zip(found, inputs.images, inputs.detections):
+        pixels = decode(photo.record).pixels
+        assert np.array_equal(boxed.pixels, det_ops.letterbox(pixels).pixels)
+        written = predictions[photo.record.path.name].get("detections", [])
+        assert [(d["category"], round(d["conf"], 4), [round(v, 4) for v in d["bbox"]]) for d in detections] == \
+            [(d["category"], d["conf"], d["bbox"]) for d in written]
+        boxes = [d["bbox"] for d in detections if d["conf"] >= threshold]
+        if not boxes:
+            boxes, whole = [[0.0, 0.0, 1.0, 1.0]], whole + 1
+        expected_crops += [preprocess_crop(pixels, box) for box in boxes]
+    assert whole == inputs.whole_photo_crops >= 1
+    assert inputs.detection_crops == len(expected_crops) - whole > 0
+    assert len(inputs.crops) == len(expected_crops)
+    assert all(np.array_equal(a, b) for a, b in zip(inputs.crops, expected_crops))
+
+
+# --- static int8 files -----------------------------------------------------------------------------------
+
+
+def _calibration(bundle: Path) -> tuple[RuntimeInputs, RuntimeInputs]:
+    loaded = Bundle.load(bundle)
+    calibration, held_out = split_photos(collect_photos([SAMPLE_DATA]))
+    return runtime_inputs(loaded, calibration), runtime_inputs(loaded, held_out)
+
+
+@pytest.fixture(scope="module")
+def inputs(bundle: Path) -> tuple[RuntimeInputs, RuntimeInputs]:
+    return _calibration(bundle)
+
+
+def _downstream(model: onnx.ModelProto, names: set[str]) -> set[str]:
+    """Names of the nodes fed, directly or not, by the named nodes (the named ones included)."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for tensor in node.input:
+            consumers.setdefault(tensor, []).append(node)
+    seen: set[str] = set()
+    stack = [n for n in model.graph.node if n.name in names]
+    while stack:
+        node = stack.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        stack += [c for out in node.output for c in consumers.get(out, [])]
+    return seen
+
+
+def _conv_weights(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Conv name -> (weight dtype, scale shape, zero points, axis) of the DequantizeLinear feeding its weight,
+    or None for a Conv whose weight is a float initializer."""
+    inits = {t.name: t for t in model.graph.initializer}
+    dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        source = dq.get(node.input[1])
+        if source is None:
+            assert node.input[1] in inits and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT
+            found[node.name] = None
+            continue
+        weight, scale, zero = (inits[name] for name in source.input[:3])
+        axis = next((a.i for a in source.attribute if a.name == "axis"), 1)
+        found[node.name] = (weight.data_type, tuple(weight.dims), tuple(scale.dims),
+                            onnx.numpy_helper.to_array(zero), axis)
+    return found
+
+
+@pytest.mark.parametrize("name", ["classifier", "detector"])
+def test_static_int8_is_qdq_with_int8_per_channel_conv_weights(name: str, bundle: Path, inputs, tmp_path: Path,
+                                                               monkeypatch):
+    calibration, _ = inputs
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # onnxruntime's symbolic shape inference leaves files in the CWD when it gives up
+    source = bundle / f"{name}.onnx"
+    spec = Bundle.load(bundle).model(name)
+    out = tmp_path / f"{name}_int8.onnx"
+    info = quantize_int8_static(source, out, model_reader(name, spec.inputs[0]["name"], calibration))
+    model = onnx.load(str(out))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
+    assert info["format"] == "QDQ" and info["calibration_method"] == DEFAULT_METHOD
+    assert info["quantized_nodes"]["QuantizeLinear"] == ops.count("QuantizeLinear")
+    assert model.ir_version <= 9 and _io_types(out) == {onnx.TensorProto.FLOAT}
+    weights = _conv_weights(model)
+    quantized = {k: v for k, v in weights.items() if v is not None}
+    assert len(quantized) >= len(weights) - 6 and info["quantized_nodes"]["int8_per_channel_convs"] == len(quantized)
+    for dtype, dims, scale_dims, zero, axis in quantized.values():
+        assert dtype == onnx.TensorProto.INT8
+        assert scale_dims == (dims[0],) and axis == 0  # one scale per output channel
+        assert not zero.any()  # symmetric
+    for node in model.graph.node:  # activations symmetric int8 too (zero point 0), as TensorRT needs
+        if node.op_type == "QuantizeLinear":
+            zero = next(t for t in model.graph.initializer if t.name == node.input[2])
+            assert zero.data_type == onnx.TensorProto.INT8 and not onnx.numpy_helper.to_array(zero).any()
+    boundary = boundary_nodes(onnx.load(str(source)))
+    float_convs = {k for k, v in weights.items() if v is None}
+    assert float_convs == {n for n in boundary["first"] + boundary["last"] if n in weights}
+    assert len(boundary["first"]) == 1
+    tail = _downstream(model, set(boundary["last"]))
+    assert tail and not any(n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                            for n in model.graph.node if n.name in tail)
+    if name == "detector":
+        assert len(boundary["last"]) == 4  # the Detect convolutions of P3..P6
+    else:
+        assert {n.op_type for n in model.graph.node if n.name in boundary["last"]} == {"Conv", "Gemm"}
+    excluded = set(info["excluded_nodes"])  # named in the pre-processed graph, which folds some constants away
+    assert set(boundary["first"] + boundary["last"]) <= excluded <= set(sum(boundary.values(), []))
+    assert not list(cwd.iterdir())
+
+
+def test_static_int8_without_exclusions_quantizes_every_conv(bundle: Path, inputs, tmp_path: Path):
+    calibration, held_out = inputs
+    out = tmp_path / "all.onnx"
+    info = quantize_int8_static(bundle / "classifier.onnx", out, model_reader("classifier", "crops", calibration),
+                                exclude=[], method="minmax")
+    assert info["excluded_nodes"] == [] and info["calibration_method"] == "minmax"
+    assert all(v is not None for v in _conv_weights(onnx.load(str(out))).values())
+    measured = classifier_agreement(bundle / "classifier.onnx", out, to_network_input(held_out.crops))
+    assert measured["count"] == len(held_out.crops) and measured["max_logit_diff"] > 0.0
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        quantize_int8_static(bundle / "classifier.onnx", out, model_reader("classifier", "crops", calibration),
+                             method="kl")
+
+
+def test_uint8_activations_are_for_onnxruntime_only(bundle: Path, inputs, tmp_path: Path):
+    calibration, held_out = inputs
+    out = tmp_path / "uint8.onnx"
+    info = quantize_int8_static(bundle / "classifier.onnx", out, model_reader("classifier", "crops", calibration),
+                                activations="uint8")
+    model = onnx.load(str(out))
+    inits = {t.name: t for t in model.graph.initializer}
+    zeros = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert zeros and all(z.data_type == onnx.TensorProto.UINT8 for z in zeros)
+    assert any(onnx.numpy_helper.to_array(z).any() for z in zeros)  # asymmetric: zero points off 0
+    assert all(v[0] == onnx.TensorProto.INT8 and not v[3].any() for v in _conv_weights(model).values() if v)
+    assert info["tensorrt"] is False and info["activations"].startswith("uint8")
+    measured = classifier_agreement(bundle / "classifier.onnx", out, to_network_input(held_out.crops))
+    assert measured["count"] == len(held_out.crops) and 0.0 < measured["feature_cosine"] < 1.0
+    with pytest.raises(BundleError, match="TensorRT refuses"):
+        check_tensorrt({"file": "classifier_int8.onnx", "quantization": info})
+    check_tensorrt({"file": "classifier_int8.onnx", "quantization": {**info, "tensorrt": True}})
+    with pytest.raises(ValueError, match="unknown activation type"):
+        quantize_int8_static(bundle / "classifier.onnx", out, model_reader("classifier", "crops", calibration),
+                             activations="int4")
+
+
+# --- detector agreement ----------------------------------------------------------------------------------
+
+
+def _det(conf: float, bbox, category: str = "1") -> dict:
+    return {"category": category, "conf": conf, "bbox": list(bbox)}
+
+
+def test_box_matching_on_hand_made_boxes():
+    box = (0.1, 0.1, 0.2, 0.2)
+    shift = 0.2 * 0.15 / 1.85  # a shift along x to IoU (w - dx) / (w + dx) = 0.85
+    shifted = (0.1 + shift, 0.1, 0.2, 0.2)
+    assert box_iou(box, shifted) == pytest.approx(0.85, abs=1e-9)
+    close = (0.1 + 0.2 * 0.1 / 1.9, 0.1, 0.2, 0.2)  # IoU 0.90, the least that counts
+    assert box_iou(box, close) == pytest.approx(0.90, abs=1e-9)
+    assert box_iou(box, (0.5, 0.5, 0.1, 0.1)) == 0.0
+    assert (BOX_MIN_CONF, BOX_MIN_IOU, BOX_CONF_TOLERANCE) == (0.2, 0.9, 0.02)
+
+    def found(reference, candidate):
+        return [j for _, j, _, _ in match_boxes(reference, candidate)]
+
+    assert found([_det(0.8, box)], [_det(0.8, box)]) == [0]
+    assert found([_det(0.8, box)], [_det(0.8, shifted)]) == [None]  # IoU 0.85
+    assert found([_det(0.8, box)], [_det(0.8, close)]) == [0]  # IoU 0.90
+    assert found([_det(0.8, box)], [_det(0.75, box)]) == [None]  # confidence 0.05 lower
+    assert found([_det(0.8, box)], [_det(0.85, box)]) == [None]  # confidence 0.05 higher
+    assert found([_det(0.8, box)], [_det(0.785, box)]) == [0]  # within 0.02
+    assert found([_det(0.8, box)], [_det(0.8, box, "2")]) == [None]  # another category
+    assert found([_det(0.19, box)], [_det(0.19, box)]) == []  # below 0.2: not counted
+    assert found([_det(0.21, box)], [_det(0.195, box)]) == [0]  # the int8 box may fall below 0.2
+    # one candidate is found once: the higher-confidence reference takes it
+    assert found([_det(0.5, box), _det(0.9, close)], [_det(0.89, box)]) == [0, None]
+    # the best-overlapping eligible candidate is taken
+    matches = match_boxes([_det(0.6, box)], [_det(0.6, close), _det(0.61, box), _det(0.6, shifted)])
+    assert [m[:2] for m in matches] == [(0, 1)] and matches[0][2:] == pytest.approx((1.0, 0.01))
+
+
+def _scaled_outputs(source: Path, out: Path, factors: list[float]) -> Path:
+    """The detector with its predictions multiplied column-wise (w, h or objectness changed)."""
+    model = onnx.load(str(source))
+    graph = model.graph
+    name = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = [f"{name}__raw" if o == name else o for o in node.output]
+        node.input[:] = [f"{name}__raw" if i == name else i for i in node.input]
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(factors, np.float32), f"{name}__factors"))
+    graph.node.append(onnx.helper.make_node("Mul", [f"{name}__raw", f"{name}__factors"], [name]))
+    onnx.save(model, str(out))
+    return out
+
+
+def test_detector_agreement_counts_found_boxes(bundle: Path, inputs, tmp_path: Path):
+    _, held_out = inputs
+    source = bundle / "detector.onnx"
+    same = detector_agreement(source, source, held_out.images)
+    assert same["count"] == len(held_out.images) and same["boxes"] > 0
+    assert same["found"] == same["boxes"] and same["boxes_found"] == 1.0
+    assert same["max_conf_diff_found"] == 0.0 and same["min_iou_found"] == 1.0
+    wider = detector_agreement(source, _scaled_outputs(source, tmp_path / "w.onnx", [1, 1, 1.2, 1.2, 1, 1, 1, 1]),
+                               held_out.images)  # IoU 1 / 1.44 = 0.69
+    assert wider["boxes"] == same["boxes"] and wider["found"] == 0 and wider["boxes_found"] == 0.0
+    dimmer = detector_agreement(source, _scaled_outputs(source, tmp_path / "d.onnx", [1, 1, 1, 1, 0.85, 1, 1, 1]),
+                                held_out.images)  # every confidence 15% lower: at least 0.03 off at >= 0.2
+    assert dimmer["boxes"] == same["boxes"] and dimmer["found"] == 0
+    slight = detector_agreement(source, _scaled_outputs(source, tmp_path / "s.onnx", [1, 1, 1, 1, 0.99, 1, 1, 1]),
+                                held_out.images)  # at most 0.01 lower
+    assert slight["found"] == slight["boxes"] == same["boxes"] and 0 < slight["max_conf_diff_found"] <= 0.01
+
+
+# --- bundle records and refusal --------------------------------------------------------------------------
+
+
+def test_int8_models_record_agreement_calibration_and_floors(bundle_copy: Path, inputs):
+    calibration, held_out = inputs
+    entries = {name: add_quantized_model(bundle_copy, name, "int8", held_out, 0.5, calibration=calibration,
+                                         log=lambda _: None)
+               for name in ("classifier", "detector")}
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    entry = manifest["models"]["classifier_int8"]
-    assert entry["agreement"]["top1_agreement"] >= 0.5 and entry["agreement_floor"] == 0.5
-    run_cli("run", str(photos[0].parent), "--bundle", str(bundle_copy), "--out", str(tmp_path / "o"), "--quiet",
-            "--precision", "int8")
+    loaded = Bundle.load(bundle_copy)  # hashes verified
+    everything = {p.sha256 for p in collect_photos([SAMPLE_DATA])}
+    for name, entry in entries.items():
+        raw = manifest["models"][f"{name}_int8"]
+        assert raw == entry and loaded.has_model(f"{name}_int8")
+        assert raw["file"] == f"{name}_int8.onnx" and raw["sha256"] == sha256_file(bundle_copy / raw["file"])
+        assert raw["precision"] == "int8" and raw["base_model"] == name and "parity" not in raw
+        assert raw["quantization"]["format"] == "QDQ" and raw["quantization"]["tensorrt"] is True
+        check_tensorrt(raw)
+        assert raw["quantization"]["calibration_method"] == DEFAULT_METHOD
+        calibrated, measured_on = set(raw["calibration"]["sha256"]), set(raw["agreement"]["held_out"]["sha256"])
+        assert calibrated.isdisjoint(measured_on) and calibrated | measured_on == everything
+        assert raw["agreement_floor"] == floors(raw) and is_quantized(raw)
+    classifier = manifest["models"]["classifier_int8"]
+    assert classifier["agreement_floor"] == {"top1_agreement": 0.5, "feature_cosine": 0.5}
+    assert classifier["calibration"]["crops"] == len(calibration.crops)
+    assert classifier["agreement"]["count"] == classifier["agreement"]["held_out"]["crops"] == len(held_out.crops)
+    assert 0.0 <= classifier["agreement"]["top1_agreement"] <= 1.0
+    assert 0.9 < classifier["agreement"]["feature_cosine"] < 1.0
+    detector = manifest["models"]["detector_int8"]
+    assert detector["agreement_floor"] == {"boxes_found": 0.5}
+    assert detector["calibration"]["images"] == len(calibration.images)
+    agreement = detector["agreement"]
+    assert agreement["count"] == len(held_out.images) and agreement["boxes"] > 0
+    assert agreement["boxes_found"] == agreement["found"] / agreement["boxes"]
+    print(json.dumps({name: {k: v for k, v in entry["agreement"].items() if k != "held_out"}
+                      for name, entry in entries.items()}))
+    for name, entry in entries.items():  # refused exactly when a recorded figure is below its floor
+        below = [m for m, f in entry["agreement_floor"].items() if entry["agreement"][m] < f]
+        if below:
+            with pytest.raises(BundleError, match="below the floor"):
+                check_agreement(entry, None)
+        else:
+            check_agreement(entry, None)
+        assert min(entry["agreement"][m] for m in entry["agreement_floor"]) < 1.0  # random weights: never exact
+        with pytest.raises(BundleError) as refused:
+            check_agreement(entry, 1.0)
+        assert "\n" not in str(refused.value) and f"{name}_int8.onnx" in str(refused.value)
+    with pytest.raises(ValueError, match="already derived"):
+        add_quantized_model(bundle_copy, "classifier_int8", "int8", held_out, None, calibration=calibration)
+    with pytest.raises(ValueError, match="both the calibration and the held-out set"):
+        add_quantized_model(bundle_copy, "classifier", "int8", held_out, None,
+                            calibration=RuntimeInputs(held_out.photos[:1]))
+
+
+def test_fp16_models_record_agreement_on_held_out_photos(bundle_copy: Path, inputs):
+    _, held_out = inputs
+    entry = add_quantized_model(bundle_copy, "classifier", "fp16", held_out, 0.99, log=lambda _: None)
+    assert "calibration" not in entry and entry["quantization"]["method"] == "fp16"
+    assert entry["agreement"]["count"] == len(held_out.crops)
+    assert entry["agreement"]["top1_agreement"] >= 0.9 and entry["agreement"]["feature_cosine"] > 0.999
+    Bundle.load(bundle_copy)
+    with pytest.raises(ValueError, match="fp16 covers the classifier only"):
+        add_quantized_model(bundle_copy, "detector", "fp16", held_out, 0.99)
+    with pytest.raises(ValueError, match="fp16 covers the classifier only"):
+        quantize_bundle(bundle_copy, "fp16", models=["detector"])
+    assert not (bundle_copy / "detector_fp16.onnx").exists()
+
+
+def _classifier_entry(top1: float, cosine: float, floor) -> dict:
+    return {"file": "classifier_int8.onnx", "precision": "int8", "base_model": "classifier",
+            "agreement": {"count": 40, "top1_agreement": top1, "feature_cosine": cosine},
+            "agreement_floor": floor}
+
+
+def test_quantized_model_below_a_floor_is_refused_with_its_figures():
+    both = {"top1_agreement": 0.99, "feature_cosine": 0.99}
+    check_agreement(_classifier_entry(0.995, 0.993, both), None)
+    with pytest.raises(BundleError) as refused:
+        check_agreement(_classifier_entry(0.975, 0.993, both), None)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("classifier_int8.onnx: int8 model")
+    assert "top-1 agreement 0.9750 (floor 0.9900, below)" in message
+    assert "mean feature cosine 0.9930 (floor 0.9900)" in message and "40 held-out" in message
+    with pytest.raises(BundleError, match=r"mean feature cosine 0\.9890 \(floor 0\.9900, below\)"):
+        check_agreement(_classifier_entry(1.0, 0.989, both), None)
+    with pytest.raises(BundleError, match=r"0\.9899 \(floor 0\.9900, below\)"):  # never rounded up to the floor
+        check_agreement(_classifier_entry(0.98999, 1.0, both), None)
+    check_agreement(_classifier_entry(0.975, 0.993, both), 0.97)  # --agreement-floor overrides every floor
+    with pytest.raises(BundleError, match=r"0\.9930 \(floor 0\.9950, below\)"):
+        check_agreement(_classifier_entry(0.999, 0.993, both), 0.995)
+    check_agreement(_classifier_entry(0.5, 0.5, None), None)  # recorded without a floor
+    with pytest.raises(BundleError, match="top-1 agreement 0.5000"):
+        check_agreement(_classifier_entry(0.5, 0.5, None), 0.6)
+    legacy = _classifier_entry(0.95, 0.5, 0.9)  # a bare number gates top-1 only
+    assert floors(legacy) == {"top1_agreement": 0.9, "feature_cosine": 0.9}
+    legacy["agreement"]["feature_cosine"] = None
+    assert floors(legacy) == {"top1_agreement": 0.9}
+    check_agreement(legacy, None)
+    detector = {"file": "detector_int8.onnx", "precision": "int8", "base_model": "detector",
+                "agreement_floor": {"boxes_found": 0.99},
+                "agreement": {"count": 5, "boxes": 40, "found": 39, "boxes_found": 0.975, "min_conf": 0.2}}
+    with pytest.raises(BundleError) as refused:
+        check_agreement(detector, None)
+    message = str(refused.value)
+    assert "fp32 boxes found 0.9750 (floor 0.9900, below)" in message and "39/40 boxes" in message
+    assert "5 held-out photos" in message and "\n" not in message
+    check_agreement(detector, 0.97)
+    detector["agreement"].update(boxes=0, found=0, boxes_found=None)
+    with pytest.raises(BundleError, match="measured on no fp32 boxes"):
+        check_agreement(detector, 0.0)
+    missing = _classifier_entry(0.99, 0.99, both)
+    del missing["agreement"]["feature_cosine"]
+    with pytest.raises(BundleError, match="no recorded mean feature cosine"):
+        check_agreement(missing, None)
+    with pytest.raises(BundleError, match="not a number in"):
+        check_agreement(_classifier_entry(0.99, 0.99, {"top1_agreement": 1.5}), None)
+    check_agreement({"file": "classifier.onnx", "agreement": {}}, 0.99)  # fp32 models are never gated
+
+
+def test_quantize_cli_then_run_with_the_int8_variants(bundle_copy: Path, photos, tmp_path: Path) -> None:
+    from test_end_to_end import run_cli
+
+    proc = run_cli("quantize", str(bundle_copy), "--precision", "int8", "--images", str(photos[0].parent),
+                   "--floor", "0.5")
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    classifier, detector = manifest["models"]["classifier_int8"], manifest["models"]["detector_int8"]
+    assert classifier["agreement_floor"] == {"top1_agreement": 0.5, "feature_cosine": 0.5}
+    assert detector["agreement_floor"] == {"boxes_found": 0.5}
+    assert "5 calibration and 5 held-out photos" in proc.stderr
+    out = tmp_path / "o"
+    run = run_cli("run", str(photos[0].parent), "--bundle", str(bundle_copy), "--out", str(out), "--quiet",
+                  "--precision", "int8", "--agreement-floor", "0.0", check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads((out / "predictions.json").read_text())["predictions"]
     refused = run_cli("run", str(photos[0].parent), "--bundle", str(bundle_copy), "--out", str(tmp_path / "o2"),
                       "--precision", "int8", "--agreement-floor", "1.0", check=False)
-    if entry["agreement"]["top1_agreement"] < 1.0:
-        assert refused.returncode == 1 and "below the floor" in refused.stderr.strip().splitlines()[-1]
+    last = refused.stderr.strip().splitlines()[-1]
+    assert detector["agreement"]["boxes_found"] < 1.0  # random weights: int8 never keeps every box
+    assert refused.returncode == 1 and "below the floor" in last
+    assert "detector_int8.onnx" in last and f"{detector['agreement']['found']}/{detector['agreement']['boxes']}" in last
