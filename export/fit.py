@@ -27,7 +27,7 @@ from trapedge.runtime.classifier import crop_region
 from trapedge.runtime.bundle import MANIFEST, Bundle, sha256_file
 from trapedge.runtime.ensemble.taxonomy import load_taxonomy, split_label
 from trapedge.runtime.ingest import ImageRecord, decode
-from trapedge.runtime.stages import StageConfig, build_centroids
+from trapedge.runtime.reclassify.stages import StageConfig, build_centroids
 
 from .onnxio import export_onnx
 from .parity import compare_outputs, ort_session, torch_outputs

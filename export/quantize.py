@@ -337,35 +337,28 @@ def boundary_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
         for name in node.output:
             producer[name] = i
 
-    def is_compute(i: int) -> bool:
-        return nodes[i].op_type in _COMPUTE_OPS
+    def walk(start: list[int], step) -> tuple[list[int], list[int]]:
+        """From `start`, follow `step` until a compute node: (compute nodes reached, nodes passed on the way)."""
+        found: list[int] = []
+        passed: list[int] = []
+        seen: set[int] = set()
+        stack = list(start)
+        while stack:
+            i = stack.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            if nodes[i].op_type in _COMPUTE_OPS:
+                found.append(i)
+                continue
+            passed.append(i)
+            stack += step(i)
+        return found, passed
 
-    first: list[int] = []
-    seen: set[int] = set()
-    stack = [i for inp in graph.input if inp.name not in initializers for i in consumers.get(inp.name, [])]
-    while stack:
-        i = stack.pop()
-        if i in seen:
-            continue
-        seen.add(i)
-        if is_compute(i):
-            first.append(i)
-            continue
-        stack += [j for name in nodes[i].output for j in consumers.get(name, [])]
-    last: list[int] = []
-    tail: list[int] = []
-    seen = set()
-    stack = [producer[out.name] for out in graph.output if out.name in producer]
-    while stack:
-        i = stack.pop()
-        if i in seen:
-            continue
-        seen.add(i)
-        if is_compute(i):
-            last.append(i)
-            continue
-        tail.append(i)
-        stack += [producer[name] for name in nodes[i].input if name in producer]
+    first, _ = walk([i for inp in graph.input if inp.name not in initializers for i in consumers.get(inp.name, [])],
+                    lambda i: [j for name in nodes[i].output for j in consumers.get(name, [])])
+    last, tail = walk([producer[out.name] for out in graph.output if out.name in producer],
+                      lambda i: [producer[name] for name in nodes[i].input if name in producer])
     name = lambda i: nodes[i].name  # noqa: E731
     return {"first": sorted(map(name, first)), "last": sorted(map(name, last)), "tail": sorted(map(name, tail))}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from typing import Optional, Sequence
 
@@ -17,8 +17,9 @@ DEFAULT_GAP_S = 60.0
 def group_events(images: Sequence[dict], gap_s: float = DEFAULT_GAP_S) -> dict[str, str]:
     """Maps image key to event id: same camera folder, each photo within `gap_s` of the previous one.
 
-    Photos are ordered by capture time, ties broken by file name; a photo without a capture time is an
-    event of its own.
+    Photos are ordered by capture time, ties broken by file name. A photo without an EXIF capture time
+    falls back to its file modification time (`modified_ns`, which cameras set when they write the file);
+    with neither it is an event of its own.
     """
     by_folder: dict[str, list[tuple[datetime, str]]] = defaultdict(list)
     events: dict[str, str] = {}
@@ -26,10 +27,14 @@ def group_events(images: Sequence[dict], gap_s: float = DEFAULT_GAP_S) -> dict[s
         key = image["key"]
         captured = image.get("captured")
         folder = str(PurePosixPath(key).parent)
-        if not captured:
+        if captured:
+            when = datetime.fromisoformat(captured)
+        elif image.get("modified_ns"):
+            when = datetime.fromtimestamp(image["modified_ns"] / 1e9, tz=timezone.utc).replace(tzinfo=None)
+        else:
             events[key] = f"{folder}#{PurePosixPath(key).name}"
             continue
-        by_folder[folder].append((datetime.fromisoformat(captured), key))
+        by_folder[folder].append((when, key))
     for folder, shots in by_folder.items():
         shots.sort(key=lambda s: (s[0], PurePosixPath(s[1]).name))
         number, previous = 0, None

@@ -26,10 +26,11 @@ from .ingest import scan
 from .bench import StageTimer
 from .bundle import sha256_file
 from .bursts import DEFAULT_GAP_S, group_events
-from .pipeline import RunOptions, Runner
+from .pipeline import MAX_SIDES, RunOptions, Runner, tables_from_results
 from .store import STORE_NAME, Store
-from .reclassify import CENTROID_SOURCES, EmbeddingTable, Reclassifier
-from .stages import SCORING, StageConfig
+from .reclassify import EmbeddingTable
+from .reclassify.runner import CENTROID_SOURCES, Reclassifier
+from .reclassify.stages import DECISIONS, SCORING, StageConfig
 
 app = typer.Typer(help="Camera-trap photos to species on the edge: SpeciesNet on ONNX Runtime.",
                   no_args_is_help=True, add_completion=False)
@@ -93,9 +94,13 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     reclassify: bool = typer.Option(True, help="Run pass 2: the five re-classification stages."),
     centroids: str = typer.Option("dump", help=f"Centroid source: {', '.join(CENTROID_SOURCES)}."),
-    scoring: Optional[str] = typer.Option(None, help=f"Stage-5 scoring: {', '.join(SCORING)}."),
-    target_precision: Optional[float] = typer.Option(None, min=0.0, max=1.0,
-                                                     help="Calibrate stage-5 thresholds to this precision."),
+    decision: Optional[str] = typer.Option(None, help=f"How coarse labels are refined: {', '.join(DECISIONS)} "
+                                                      "(default calibrated: only on evidence whose precision bound "
+                                                      "reaches --target-precision)."),
+    scoring: Optional[str] = typer.Option(None, help=f"Stage-5 scoring for --decision adaptive: {', '.join(SCORING)}."),
+    target_precision: Optional[float] = typer.Option(None, min=0.5, max=0.999,
+                                                     help="Precision each calibrated level must reach as a 95% "
+                                                          "lower bound on held-out degraded references (0.97)."),
     stages_config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                                  help="JSON file of stage settings (see StageConfig)."),
     tau_accept: Optional[float] = typer.Option(None, help="Stage 1 acceptance score."),
@@ -103,8 +108,7 @@ def run(
     margin: Optional[float] = typer.Option(None, help="Stage 5 margin over the runner-up."),
     n_min: Optional[int] = typer.Option(None, min=1, help="Stage 3 references per centroid."),
     burst_gap: float = typer.Option(DEFAULT_GAP_S, min=0.0, help="Seconds between photos of one event (burst)."),
-    smoothing: bool = typer.Option(False, help="Coarse labels take their event's dominant species (MegaDetector-style)."),
-    event_pooling: bool = typer.Option(False, help="Stage 5 scores an event's same-label crops together."),
+    event_pooling: bool = typer.Option(False, help="--decision adaptive scores an event's same-label crops together."),
     timezone: Optional[str] = typer.Option(None, help="IANA timezone of the camera clock (Camtrap DP), e.g. Africa/Windhoek."),
     lat: Optional[float] = typer.Option(None, help="Deployment latitude (Camtrap DP)."),
     lon: Optional[float] = typer.Option(None, help="Deployment longitude (Camtrap DP)."),
@@ -115,20 +119,18 @@ def run(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         loaded = Bundle.load(bundle)
+        config = _stage_config(loaded, stages_config, scoring=scoring, tau_accept=tau_accept, lam=lam,
+                               margin=margin, n_min=n_min, decision=decision, target_precision=target_precision)
         options = RunOptions(country=country, admin1_region=admin1, enable_geofence=geofence,
                              device=device, threads=threads, detector_batch=detector_batch,
                              classifier_batch=classifier_batch, decode_workers=workers, precision=precision,
-                             agreement_floor=agreement_floor, engine=engine, draft=draft)
+                             agreement_floor=agreement_floor, engine=engine, draft=draft, stages=config)
         runner = Runner(loaded, options)
         providers = runner.open()
         reclassifier = None
         if reclassify:
-            config = _stage_config(loaded, stages_config, scoring=scoring, tau_accept=tau_accept, lam=lam,
-                                   margin=margin, n_min=n_min)
             reclassifier = Reclassifier(loaded, config, centroids=centroids, country=country,
-                                        admin1_region=admin1, enable_geofence=geofence,
-                                        target_precision=target_precision, smoothing=smoothing,
-                                        event_pooling=event_pooling)
+                                        admin1_region=admin1, enable_geofence=geofence, event_pooling=event_pooling)
     except (BundleError, BackendError, ValueError) as e:
         _fail(str(e))
     out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +139,10 @@ def run(
     _log_to(out)
     try:
         store = _open_store(out, loaded, dump)
+        runner.resume(store.degraded_counts(), store.coarse_sides(MAX_SIDES))
+        store.set_meta("pass2", json.dumps({"country": country, "admin1": admin1, "geofence": geofence,
+                                            "centroids": centroids, "burst_gap": burst_gap,
+                                            "event_pooling": event_pooling, "stages": config.to_dict()}))
         if timezone is not None or lat is not None or lon is not None:
             if None in (timezone, lat, lon):
                 raise ValueError("Camtrap DP needs all of --timezone, --lat and --lon")
@@ -216,10 +222,17 @@ def _finish(store: Store, dump: Path, out: Path, bundle: Bundle, reclassifier: O
     predictions = store.predictions(dump)
     images = store.images(dump)
     if reclassifier is not None:
+        undated = [i["key"] for i in images if not i.get("captured") and i["status"] != "failed"]
+        if undated:
+            logger.warning("%d image(s) have no EXIF capture time (first: %s); their file modification time is "
+                           "used to group bursts", len(undated), undated[0])
         events = group_events(images, burst_gap)
         reclassifier.events = {image["filepath"]: events[image["key"]] for image in images}
         paths, dets, vectors = store.embeddings(dump)
-        reclassifier.run(predictions, EmbeddingTable(paths, dets, vectors))
+        reclassifier.run(predictions, EmbeddingTable(paths, dets, vectors), store.evidence(dump),
+                         store.degraded(dump))
+        for note in reclassifier.result.notes:
+            logger.warning("%s", note)
         for name, samples in reclassifier.timer.samples.items():
             for value in samples:
                 timer.add(name, value)
@@ -290,61 +303,118 @@ def _summary(predictions: list, images: list, results: list, runner: Runner, sec
             table.add_row(label, str(count))
         console.print(table)
     if reclassifier is not None:
-        console.print(f"re-classification: {reclassifier.summary}", highlight=False)
+        _print_pass_two(reclassifier)
     console.print(_timing_table(runner.timer.summary(), "Per-stage time"))
+
+
+def _print_pass_two(reclassifier: Reclassifier) -> None:
+    """Counts per stage, each calibrated level's bound (or why it is off), and the notes."""
+    console.print(f"re-classification: {reclassifier.summary}", highlight=False)
+    result = reclassifier.result
+    if result is None:
+        return
+    for level, cal in result.calibration.get("levels", {}).items():
+        if cal.get("enabled"):
+            console.print(f"  {level}: on, precision >= {cal['lower_bound']:.3f} (95% bound) on {cal['accepted']} "
+                          f"held-out views, threshold {cal['threshold']:.3f}", highlight=False)
+        else:
+            console.print(f"  {level}: off, {cal['reason']}", highlight=False)
+    for note in result.notes:
+        console.print(f"  note: {note}", highlight=False)
 
 
 def _stage_config(bundle: Bundle, path: Optional[Path], **overrides) -> StageConfig:
     """Stage settings: the bundle's defaults, then a JSON file, then CLI flags."""
     values = dict(bundle.manifest.get("stages", {}))
     if path is not None:
-        try:
-            values.update(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        values.update(_read_json(path))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return StageConfig.from_dict(values)
 
 
 def _info(bundle: Bundle, reclassifier: Optional[Reclassifier]) -> dict:
     info = {"trapedge": {"version": __version__, "bundle_model_version": bundle.model_version}}
+    info["trapedge"]["bundle_data_version"] = bundle.data_version
     if reclassifier is not None:
+        result = reclassifier.result
         info["trapedge"]["reclassification"] = {"stages": reclassifier.config.to_dict(),
                                                 "centroids": reclassifier.centroid_source,
-                                                "target_precision": reclassifier.target_precision,
-                                                "counts": reclassifier.summary}
+                                                "event_pooling": reclassifier.event_pooling,
+                                                "counts": reclassifier.summary,
+                                                "calibration": _calibration_info(result.calibration) if result else {},
+                                                "notes": result.notes if result else []}
     return info
+
+
+def _calibration_info(calibration: dict) -> dict:
+    """The calibration report without the fitted weights (levels, rows, target)."""
+    return {k: v for k, v in calibration.items() if k != "features"}
 
 
 @app.command("reclassify")
 def reclassify_cmd(
     outdir: Path = typer.Argument(..., exists=True, file_okay=False, help="Output folder of a finished run."),
     bundle: Path = typer.Option(..., "--bundle", "-b", help="Artifact bundle folder."),
-    country: Optional[str] = typer.Option(None, help="ISO 3166-1 alpha-3 country for the geofence."),
-    admin1: Optional[str] = typer.Option(None, help="ISO 3166-2 admin1 region."),
-    geofence: bool = typer.Option(True, help="Apply SpeciesNet's geofence."),
-    centroids: str = typer.Option("dump", help=f"Centroid source: {', '.join(CENTROID_SOURCES)}."),
-    scoring: Optional[str] = typer.Option(None, help=f"Stage-5 scoring: {', '.join(SCORING)}."),
-    target_precision: Optional[float] = typer.Option(None, min=0.0, max=1.0),
-    stages_config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
+    country: Optional[str] = typer.Option(None, help="ISO 3166-1 alpha-3 country for the geofence "
+                                                     "(default: the run's)."),
+    admin1: Optional[str] = typer.Option(None, help="ISO 3166-2 admin1 region (default: the run's)."),
+    geofence: Optional[bool] = typer.Option(None, help="Apply SpeciesNet's geofence (default: as the run did)."),
+    centroids: Optional[str] = typer.Option(None, help=f"Centroid source: {', '.join(CENTROID_SOURCES)} "
+                                                       "(default: the run's)."),
+    decision: Optional[str] = typer.Option(None, help=f"How coarse labels are refined: {', '.join(DECISIONS)} "
+                                                      "(default: the run's)."),
+    scoring: Optional[str] = typer.Option(None, help=f"Stage-5 scoring for --decision adaptive: {', '.join(SCORING)}."),
+    target_precision: Optional[float] = typer.Option(None, min=0.5, max=0.999,
+                                                     help="Precision each calibrated level must reach as a 95% "
+                                                          "lower bound (default: the run's)."),
+    burst_gap: Optional[float] = typer.Option(None, min=0.0, help="Seconds between photos of one event "
+                                                                  "(default: the run's)."),
+    event_pooling: Optional[bool] = typer.Option(None, help="--decision adaptive scores an event's crops together "
+                                                            "(default: the run's)."),
+    stages_config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                                 help="JSON file of stage settings (see StageConfig)."),
 ) -> None:
-    """Re-run pass 2 (the five stages) on a finished run's stored predictions and embeddings."""
+    """Re-run pass 2 on a finished run's stored predictions, embeddings and degraded views (nothing recomputed).
+
+    Every setting defaults to what the run used (recorded in its results store); flags override.
+    """
     country, admin1 = _check_location(country, admin1)
     try:
-        loaded = Bundle.load(bundle)
-        config = _stage_config(loaded, stages_config, scoring=scoring)
-        reclassifier = Reclassifier(loaded, config, centroids=centroids, country=country, admin1_region=admin1,
-                                    enable_geofence=geofence, target_precision=target_precision)
         if not (outdir / STORE_NAME).is_file():
             raise ValueError(f"{outdir}: no {STORE_NAME}; run `trapedge run` first")
         store = Store(outdir / STORE_NAME)
+        used = json.loads(store.get_meta("pass2") or "{}")
+        loaded = Bundle.load(bundle)
+        values = dict(used.get("stages", {}))
+        if stages_config is not None:
+            values.update(_read_json(stages_config))
+        overrides = {"scoring": scoring, "decision": decision, "target_precision": target_precision}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        config = StageConfig.from_dict(values) if values else _stage_config(loaded, None)
+        reclassifier = Reclassifier(
+            loaded, config, centroids=_pick(centroids, used.get("centroids"), "dump"),
+            country=country or used.get("country"), admin1_region=admin1 or used.get("admin1"),
+            enable_geofence=_pick(geofence, used.get("geofence"), True),
+            event_pooling=_pick(event_pooling, used.get("event_pooling"), False))
     except (BundleError, BackendError, ValueError, OSError) as e:
         _fail(str(e))
     dump = Path(store.get_meta("dump_root") or outdir)
-    _finish(store, dump, outdir, loaded, reclassifier, StageTimer())
+    _finish(store, dump, outdir, loaded, reclassifier, StageTimer(), _pick(burst_gap, used.get("burst_gap"),
+                                                                        DEFAULT_GAP_S))
     store.close()
-    counts = reclassifier.summary
-    console.print(f"re-classification: {counts}", highlight=False)
+    _print_pass_two(reclassifier)
+
+
+def _pick(flag, recorded, default):
+    """A flag when given, else what the run recorded, else the default."""
+    return flag if flag is not None else (recorded if recorded is not None else default)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 @app.command("export-results")
@@ -432,7 +502,7 @@ def _run_references(outdir: Path, config: StageConfig) -> tuple:
     """Stage-1 references (embeddings, labels) of a finished run."""
     import numpy as np
 
-    from .stages import accept
+    from .reclassify.stages import accept
 
     store = Store(outdir / STORE_NAME)
     dump = Path(store.get_meta("dump_root") or outdir)
@@ -463,6 +533,8 @@ def bench_cmd(
     threads: Optional[int] = typer.Option(None, min=1),
     workers: int = typer.Option(2, min=1, help="Decode worker threads (1 = no overlap)."),
     out: Path = typer.Option(Path("bench-results"), help="Folder for bench.json and bench.md."),
+    stages_config: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                                 help="JSON file of stage settings (see StageConfig)."),
 ) -> None:
     """Run the real pipeline and report time per stage, throughput, peak memory, providers and the machine."""
     from .bench import machine, peak_rss_mib, report_markdown
@@ -470,24 +542,18 @@ def bench_cmd(
 
     try:
         loaded = Bundle.load(bundle)
+        config = _stage_config(loaded, stages_config)
         runner = Runner(loaded, RunOptions(device=device, threads=threads, detector_batch=batch,
-                                           classifier_batch=classifier_batch, decode_workers=workers))
+                                           classifier_batch=classifier_batch, decode_workers=workers, stages=config))
         providers = runner.open()
-        reclassifier = Reclassifier(loaded, _stage_config(loaded, None))
+        reclassifier = Reclassifier(loaded, config)
     except (BundleError, BackendError, ValueError) as e:
         _fail(str(e))
     records = list(scan(dump))[:images]
     started = time.perf_counter()
     results = list(runner.process(records, dump))
     predictions = [r.prediction for r in results]
-    paths = [r.prediction["filepath"] for r in results for _ in r.embeddings]
-    dets = [i for r in results for i in sorted(r.embeddings)]
-    vectors = [r.embeddings[i] for r in results for i in sorted(r.embeddings)]
-    import numpy as np
-
-    table = EmbeddingTable(paths, np.asarray(dets, dtype=np.int64),
-                           np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1))
-    reclassifier.run(predictions, table)
+    reclassifier.run(predictions, *tables_from_results(results))
     wall = time.perf_counter() - started
     for name, samples in reclassifier.timer.samples.items():
         for value in samples:
@@ -509,39 +575,38 @@ def bench_cmd(
 
 @app.command("quantize")
 def quantize_cmd(
-    bundle: Path = typer.Argument(..., help="Bundle whose model to quantise."),
-    model: str = typer.Option("classifier", help="Model name in the bundle."),
-    precision: str = typer.Option("fp16", help="fp16 or int8 (onnxruntime dynamic, CPU only)."),
-    images: Path = typer.Option(..., exists=True, file_okay=False, help="Photos whose crops measure agreement."),
-    floor: float = typer.Option(0.99, min=0.0, max=1.0, help="Top-1 agreement the quantised model must keep."),
+    bundle: Path = typer.Argument(..., help="Bundle whose models to quantise."),
+    model: str = typer.Option("all", help="classifier, detector, or all (each of the two the bundle has)."),
+    precision: str = typer.Option("fp16", help="fp16, or int8 (static QDQ: int8 per-channel weights, "
+                                               "activations calibrated on photos)."),
+    images: Optional[Path] = typer.Option(None, exists=True, file_okay=False,
+                                          help="More photos, added to the packaged samples; half calibrate int8, "
+                                               "the other half measure agreement."),
+    floor: float = typer.Option(0.99, min=0.0, max=1.0,
+                                help="Agreement the quantised model must keep: classifier top-1 and mean "
+                                     "feature cosine, detector share of fp32 boxes found."),
+    method: Optional[str] = typer.Option(None, help="int8 calibration: minmax, entropy or percentile (default: "
+                                                    "the one chosen by measurement, benchmarks/results/int8.md)."),
+    activations: str = typer.Option("int8", help="int8 activations: int8 (symmetric; TensorRT and onnxruntime) or "
+                                                 "uint8 (asymmetric; faster on onnxruntime x86 CPUs, not TensorRT)."),
+    max_photos: int = typer.Option(64, min=2, help="Most distinct photos used (calibration and held-out)."),
 ) -> None:
-    """Add an fp16 or int8 variant of a model, with its measured agreement against fp32 (export extra)."""
-    import numpy as np
-
+    """Add fp16 or int8 variants of the models, with their agreement against fp32 measured on held-out photos."""
     try:
-        from trapedge.export.quantize import add_quantized_model
+        from trapedge.export.quantize import DEFAULT_METHOD, MODELS, quantize_bundle
     except ImportError as e:
         _fail(f"quantize needs the export extra (pip install 'trapedge[export]'): {e}")
-    from .classifier import preprocess_crop, to_network_input
-    from .ingest import decode
-
-    if model != "classifier":
-        _fail("quantize measures agreement on classifier crops; use --model classifier")
-    crops = []
-    for record in scan(images):
-        decoded = decode(record)
-        if decoded.ok:
-            for box in ([0.1, 0.1, 0.4, 0.4], [0.4, 0.3, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0]):
-                crops.append(preprocess_crop(decoded.pixels, box))
-    if not crops:
-        _fail(f"{images}: no readable photos to measure agreement on")
+    if model not in (*MODELS, "all"):
+        _fail(f"unknown model {model!r}; expected {', '.join(MODELS)} or all")
     try:
-        entry = add_quantized_model(bundle, model, precision, {"crops": to_network_input(crops)}, floor,
-                                    inputs_description=f"{len(crops)} crops of photos in {images}",
-                                    log=console.print)
+        entries = quantize_bundle(bundle, precision, models=None if model == "all" else [model],
+                                  images=[images] if images else [], floor=floor, method=method or DEFAULT_METHOD,
+                                  activations=activations, max_photos=max_photos, log=console.print)
     except (ValueError, RuntimeError, BundleError) as e:
         _fail(str(e))
-    console.print(f"{model}_{precision}: agreement {entry.get('agreement')}", highlight=False)
+    for name, entry in entries.items():
+        gated = {k: entry["agreement"].get(k) for k in entry.get("agreement_floor") or {}}
+        console.print(f"{name}_{precision}: {gated} (floor {floor})", highlight=False)
 
 
 engines_app = typer.Typer(help="TensorRT engines for this GPU (needs TensorRT and a CUDA GPU).", no_args_is_help=True)
@@ -640,7 +705,7 @@ def demo_cmd(
         threads=None, detector_batch=1, classifier_batch=8, workers=2, precision="fp32", agreement_floor=None,
         engine="onnx", draft=False, quiet=False, reclassify=True,
         centroids="dump", scoring=None, target_precision=None, stages_config=None, tau_accept=None, lam=None,
-        margin=None, n_min=None, burst_gap=DEFAULT_GAP_S, smoothing=False, event_pooling=False,
+        margin=None, n_min=None, burst_gap=DEFAULT_GAP_S, decision=None, event_pooling=False,
         timezone="UTC", lat=0.0, lon=0.0, deployment_id="trapedge-demo")
     console.print(
         "For real results, export SpeciesNet's weights on a workstation with the export extra:\n"
@@ -648,6 +713,44 @@ def demo_cmd(
         "  trapedge export encoder artifacts/speciesnet --model ViT-L-14 --pretrained openai\n"
         "then: trapedge run /media/SDCARD --bundle artifacts/speciesnet --out results --country ISO3",
         highlight=False, markup=False)
+
+
+bundle_app = typer.Typer(help="Update a bundle's geofence and taxonomy without re-exporting, or roll back.",
+                         no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+
+def _refuse(message: str) -> None:
+    console.print(f"Error: {' '.join(message.split())}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@bundle_app.command("update")
+def bundle_update_cmd(
+    bundle: Path = typer.Argument(..., help="Artifact bundle folder."),
+    geofence: Optional[Path] = typer.Option(None, help="New SpeciesNet geofence JSON."),
+    taxonomy: Optional[Path] = typer.Option(None, help="New SpeciesNet taxonomy release (7-field lines)."),
+) -> None:
+    """Validate and install a new geofence and/or taxonomy; the previous data is kept for rollback."""
+    from .bundle_update import apply_update
+
+    try:
+        version = apply_update(bundle, geofence=geofence, taxonomy=taxonomy)
+    except (BundleError, OSError) as e:
+        _refuse(str(e))
+    console.print(f"{bundle}: data version {version}", highlight=False, soft_wrap=True)
+
+
+@bundle_app.command("rollback")
+def bundle_rollback_cmd(bundle: Path = typer.Argument(..., help="Artifact bundle folder.")) -> None:
+    """Restore the previous geofence and taxonomy (and manifest) from the bundle's .history."""
+    from .bundle_update import rollback
+
+    try:
+        version = rollback(bundle)
+    except (BundleError, OSError) as e:
+        _refuse(str(e))
+    console.print(f"{bundle}: rolled back to data version {version}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

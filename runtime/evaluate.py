@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Optional
 
 from .formats import atomic_write_text
-from .stages import label_depth
+from .reclassify.stages import label_depth
 
 __all__ = ["evaluate", "load_truth", "write_report"]
 
-_RECLASSIFYING = ("birds", "score")
+_RECLASSIFYING = ("birds", "score", "calibrated", "smoothing")
 
 
 def _key(label: str) -> list[str]:
@@ -56,12 +56,12 @@ def evaluate(predictions: list[dict], truth: dict[tuple[str, int], str]) -> dict
             if true is not None:
                 touched.append((rec, true))
     reclassified = [(r, t) for r, t in touched if r and r["stage"] in _RECLASSIFYING]
-    scored = [(r, t) for r, t in reclassified if r["stage"] == "score"]
+    scored = [(r, t) for r, t in reclassified if r["stage"] in ("score", "calibrated", "smoothing")]
     bird = [(r, t) for r, t in reclassified if r["stage"] == "birds" or r.get("via") == "birds"]
     correct = [_correct(r["class"], t) for r, t in reclassified]
     unknown = [(r, t) for r, t in touched if tuple(_key(t)) not in references and label_depth(t) == 5
                and (r is None or r["stage"] != "accept")]
-    forced = [r for r, t in unknown if r and r["stage"] == "score" and r["level"] == "species"]
+    forced = [r for r, t in unknown if r and r["stage"] in _RECLASSIFYING and r["level"] == "species"]
     predicted_counts, hits, true_counts = Counter(), Counter(), Counter()
     for r, t in scored:
         if r["level"] == "species":

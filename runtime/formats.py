@@ -91,8 +91,15 @@ _SAMPLING_DESIGNS = ("simpleRandom", "systematicRandom", "clusteredRandom", "exp
                      "opportunistic")
 _RANK_NAMES = ("class", "order", "family", "genus")
 _HUMAN_RANKS = ["mammalia", "primates", "hominidae", "homo"]
-_RELABELLING_STAGES = ("birds", "score")
+_RELABELLING_STAGES = ("birds", "score", "calibrated", "smoothing")
 _BBOX_FLOOR = 10.0 ** -_DECIMALS
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it; there is no getter)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -103,6 +110,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fp:
             fp.write(text)
             fp.flush()
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are for others to read
             os.fsync(fp.fileno())
         checkpoint("export")
         os.replace(tmp, path)
@@ -261,7 +269,14 @@ def _final(det: dict) -> _Final:
     rec = det.get("reclassification")
     processed = det.get("processed_classification")
     if rec and rec.get("stage") in _RELABELLING_STAGES and rec.get("class") != rec.get("original"):
-        if rec["stage"] == "birds":
+        if rec["stage"] == "calibrated" or "probability" in rec:
+            probability = rec["probability"]
+            method = f"trapedge calibrated pass 2 ({'+'.join(rec.get('sources') or []) or 'evidence'}, precision " \
+                     f">= {rec['precision_bound']:.3f})"
+        elif rec["stage"] == "smoothing":
+            probability = _coarse_probability(det, processed)
+            method = "trapedge burst smoothing (event's confident species)"
+        elif rec["stage"] == "birds":
             bird = [v for v in (rec.get("aves_score"), rec.get("bird_prompt")) if v is not None]
             probability = max(bird) if bird else float(det.get("conf", 0.0))
             method = "trapedge stage 2 (birds)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import zlib
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,18 +21,21 @@ from .ensemble import (
     DEFAULT_DETECTION_THRESHOLD_FOR_CLASSIFICATION,
     DEFAULT_MAX_CLASSIFICATIONS_PER_DETECTION,
     NUM_CLASSIFICATIONS_FOR_ENSEMBLE,
+    Classification,
     Ensemble,
     Failure,
 )
 from .embed import Embedder
 from .faults import checkpoint
 from .ingest import DecodedImage, ImageRecord, decode
-from .quantized import check_agreement
-from .stages import needs_embedding
+from .quantized import check_agreement, check_tensorrt
+from .reclassify.degrade import EmbeddedView, ReferenceSampler, background_patch, crop_quality, render_views
+from .reclassify.stages import StageConfig, accept, label_depth, needs_embedding
 
-__all__ = ["ImageResult", "RunOptions", "Runner"]
+__all__ = ["MAX_SIDES", "ImageResult", "RunOptions", "Runner", "tables_from_results"]
 
 logger = logging.getLogger("trapedge")
+MAX_SIDES = 4096  # coarse-candidate box sides kept for rendering degraded views
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class RunOptions:
     agreement_floor: Optional[float] = None
     engine: str = "onnx"
     draft: bool = False
+    stages: StageConfig = StageConfig()
 
 
 @dataclass
@@ -69,6 +74,9 @@ class ImageResult:
     warnings: list[str] = field(default_factory=list)
     features: dict[int, np.ndarray] = field(default_factory=dict)
     embeddings: dict[int, np.ndarray] = field(default_factory=dict)
+    top5: dict[int, tuple[list[str], list[float]]] = field(default_factory=dict)
+    evidence: dict[int, tuple[list, np.ndarray]] = field(default_factory=dict)
+    degraded: list[EmbeddedView] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -96,6 +104,8 @@ class Runner:
             bundle.file("taxonomy"), bundle.file("geofence"), options.enable_geofence
         )
         self.embedder = Embedder(bundle, options.device, options.threads) if options.embed else None
+        self.sampler = ReferenceSampler(options.stages.degraded_per_label)
+        self.coarse_sides: list[float] = []
         self.detector_config = det_ops.DetectorConfig(
             **{
                 k: v
@@ -104,6 +114,11 @@ class Runner:
             }
         )
 
+    def resume(self, degraded_counts: dict[str, int], coarse_sides: list[float]) -> None:
+        """Continues an interrupted card: references already given degraded views, coarse box sides seen."""
+        self.sampler = ReferenceSampler(self.options.stages.degraded_per_label, degraded_counts)
+        self.coarse_sides = list(coarse_sides)[:MAX_SIDES]
+
     def _backend(self, name: str, batch: int):
         """The model to run: its quantised variant when asked for (refused below its agreement floor)."""
         chosen = name
@@ -111,6 +126,8 @@ class Runner:
             variant = f"{name}_{self.options.precision}"
             if self.bundle.has_model(variant):
                 check_agreement(self.bundle.model(variant).raw, self.options.agreement_floor)
+                if self.options.engine == "tensorrt-native" or self.options.device == "tensorrt":
+                    check_tensorrt(self.bundle.model(variant).raw)
                 chosen = variant
             else:
                 logger.warning("%s: no %s model in the bundle; running fp32", name, self.options.precision)
@@ -249,6 +266,8 @@ class Runner:
                         "classes": [self.bundle.labels[k] for k in idx[j]],
                         "scores": scores[j].tolist(),
                     }
+                    result.top5[det_idx] = (det["raw_classifications"]["classes"][:NUM_CLASSIFICATIONS_FOR_ENSEMBLE],
+                                            det["raw_classifications"]["scores"][:NUM_CLASSIFICATIONS_FOR_ENSEMBLE])
                     result.features[det_idx] = features[j]
 
     def _embed(self, chunk: list[_Work], results: list[ImageResult]) -> None:
@@ -258,13 +277,76 @@ class Runner:
                       and needs_embedding(det["processed_classification"]["class"])]
             if not wanted:
                 continue
+            detections = result.prediction["detections"]
+            with self.timer.stage("evidence"):
+                height, width = work.image.pixels.shape[:2]
+                for i in wanted:
+                    box = detections[i]["bbox"]
+                    region = cls_ops.crop_region(work.image.pixels, box)
+                    if region is None or i not in result.top5:
+                        continue
+                    side = float(min(box[2] * width, box[3] * height))
+                    result.evidence[i] = (list(result.top5[i]), crop_quality(region, side))
+                    label = detections[i]["processed_classification"]["class"]
+                    if label_depth(label) < 5 and len(self.coarse_sides) < MAX_SIDES:
+                        self.coarse_sides.append(side)
             if self.embedder.uses_classifier:
                 result.embeddings = {i: result.features[i] for i in wanted}
-                continue
-            with self.timer.stage("embed"):
-                vectors = self.embedder.embed(work.image.pixels,
-                                              [result.prediction["detections"][i]["bbox"] for i in wanted])
-            result.embeddings = {i: v for i, v in zip(wanted, vectors) if v is not None}
+            else:
+                with self.timer.stage("embed"):
+                    vectors = self.embedder.embed(work.image.pixels, [detections[i]["bbox"] for i in wanted])
+                result.embeddings = {i: v for i, v in zip(wanted, vectors) if v is not None}
+            self._degrade(work, result, wanted)
+
+    def _degrade(self, work: _Work, result: ImageResult, wanted: list[int]) -> None:
+        """Degraded views of a bounded sample of this image's references, classified and embedded (pass 2 calibrates on them)."""
+        config = self.options.stages
+        if config.degraded_per_label <= 0 or config.degraded_views <= 0:
+            return
+        detections = result.prediction["detections"]
+        processed = [detections[i]["processed_classification"] for i in wanted]
+        refs = accept([p["class"] for p in processed], np.array([p["score"] for p in processed]),
+                      [p["source"] for p in processed], config)
+        chosen = [i for i, is_ref in zip(wanted, refs) if is_ref and i in result.embeddings
+                  and self.sampler.take(detections[i]["processed_classification"]["class"])]
+        if not chosen:
+            return
+        with self.timer.stage("degrade"):
+            rng = np.random.default_rng(zlib.crc32(f"{result.record.key}#{chosen}".encode()))
+            height, width = work.image.pixels.shape[:2]
+            boxes = [d["bbox"] for d in detections]
+            views: list[tuple[int, str, str, np.ndarray, float]] = []
+            for i in chosen:
+                label = detections[i]["processed_classification"]["class"]
+                region = cls_ops.crop_region(work.image.pixels, detections[i]["bbox"])
+                if region is None:
+                    continue
+                sides = self.coarse_sides or None
+                for view in render_views(region, rng, sides, config.degraded_views):
+                    views.append((i, label, "+".join(view.kinds), view.pixels, view.side_px))
+                box = detections[i]["bbox"]
+                patch = background_patch(work.image.pixels, boxes, (box[2], box[3]), rng)
+                if patch is not None:
+                    views.append((i, Classification.BLANK.value, "background", patch, float(min(patch.shape[:2]))))
+            crops = [cls_ops.preprocess_crop(v[3], (0.0, 0.0, 1.0, 1.0)) for v in views]
+            keep = [k for k, c in enumerate(crops) if c is not None]
+            batch = max(1, self.options.classifier_batch)
+            for start in range(0, len(keep), batch):
+                part = keep[start : start + batch]
+                logits, features = self.classifier.run(
+                    {"crops": cls_ops.to_network_input([crops[k] for k in part])}, ["logits", "features"])
+                idx, scores = cls_ops.top_k(cls_ops.softmax(logits), NUM_CLASSIFICATIONS_FOR_ENSEMBLE)
+                if self.embedder.uses_classifier:
+                    vectors = list(features)
+                else:
+                    vectors = [self.embedder.embed(views[k][3], [(0.0, 0.0, 1.0, 1.0)])[0] for k in part]
+                for j, k in enumerate(part):
+                    if vectors[j] is None:
+                        continue
+                    det_idx, label, kind, pixels, side = views[k]
+                    result.degraded.append(EmbeddedView(
+                        det_idx, label, kind, np.asarray(vectors[j], dtype=np.float32),
+                        ([self.bundle.labels[c] for c in idx[j]], scores[j].tolist()), crop_quality(pixels, side)))
 
     def _top_k(self, num_labels: int) -> int:
         keep = self.options.max_classifications_per_detection
@@ -289,3 +371,24 @@ class Runner:
             raw = det["raw_classifications"]
             if keep >= 0:
                 det["raw_classifications"] = {k: v[:keep] for k, v in raw.items()}
+
+
+def tables_from_results(results: list[ImageResult]):
+    """Pass 2's embedding, evidence and degraded-view tables from in-memory pass-1 results (bench, library use)."""
+    from .reclassify import DegradedTable, EmbeddingTable, EvidenceTable
+
+    emb = [(r.prediction["filepath"], i, v) for r in results for i, v in sorted(r.embeddings.items())]
+    ev = [(r.prediction["filepath"], i, top, q) for r in results for i, (top, q) in sorted(r.evidence.items())]
+    views = [(r.prediction["filepath"], v) for r in results for v in r.degraded]
+    width = len(emb[0][2]) if emb else 0
+    return (
+        EmbeddingTable([e[0] for e in emb], np.array([e[1] for e in emb], dtype=np.int64),
+                       np.array([e[2] for e in emb], dtype=np.float32).reshape(len(emb), width)),
+        EvidenceTable([e[0] for e in ev], np.array([e[1] for e in ev], dtype=np.int64), [e[2][0] for e in ev],
+                      [e[2][1] for e in ev], np.array([e[3] for e in ev], dtype=np.float32).reshape(len(ev), 3)),
+        DegradedTable([v[0] for v in views], np.array([v[1].detection for v in views], dtype=np.int64),
+                      [v[1].label for v in views], [v[1].kind for v in views],
+                      np.array([v[1].vector for v in views], dtype=np.float32).reshape(len(views), width),
+                      [v[1].top[0] for v in views], [v[1].top[1] for v in views],
+                      np.array([v[1].quality for v in views], dtype=np.float32).reshape(len(views), 3)),
+    )

@@ -26,6 +26,12 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE TABLE IF NOT EXISTS embeddings (
     key TEXT NOT NULL, detection INTEGER NOT NULL, vector BLOB NOT NULL,
     PRIMARY KEY (key, detection));
+CREATE TABLE IF NOT EXISTS evidence (
+    key TEXT NOT NULL, detection INTEGER NOT NULL, top TEXT NOT NULL, quality BLOB NOT NULL,
+    PRIMARY KEY (key, detection));
+CREATE TABLE IF NOT EXISTS degraded (
+    key TEXT NOT NULL, detection INTEGER NOT NULL, view INTEGER NOT NULL, label TEXT NOT NULL, kind TEXT NOT NULL,
+    vector BLOB NOT NULL, top TEXT NOT NULL, quality BLOB NOT NULL, PRIMARY KEY (key, detection, view));
 """
 
 
@@ -109,6 +115,18 @@ class Store:
                 "INSERT INTO embeddings (key, detection, vector) VALUES (?, ?, ?)",
                 [(record.key, int(i), np.asarray(v, dtype=np.float32).tobytes())
                  for i, v in sorted(result.embeddings.items())])
+            self.db.execute("DELETE FROM evidence WHERE key = ?", (record.key,))
+            self.db.executemany(
+                "INSERT INTO evidence (key, detection, top, quality) VALUES (?, ?, ?, ?)",
+                [(record.key, int(i), json.dumps(top), np.asarray(quality, dtype=np.float32).tobytes())
+                 for i, (top, quality) in sorted(getattr(result, "evidence", {}).items())])
+            self.db.execute("DELETE FROM degraded WHERE key = ?", (record.key,))
+            self.db.executemany(
+                "INSERT INTO degraded (key, detection, view, label, kind, vector, top, quality)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(record.key, int(v.detection), n, v.label, v.kind, np.asarray(v.vector, dtype=np.float32).tobytes(),
+                  json.dumps(v.top), np.asarray(v.quality, dtype=np.float32).tobytes())
+                 for n, v in enumerate(getattr(result, "degraded", []))])
             checkpoint("commit")
 
     def predictions(self, root: Path) -> list[dict]:
@@ -136,6 +154,53 @@ class Store:
         vectors = np.stack([np.frombuffer(v, dtype=np.float32) for _, _, v in rows]) if rows else np.zeros((0, 0))
         return ([str(root / k) for k, _, _ in rows], np.array([d for _, d, _ in rows], dtype=np.int64),
                 vectors.astype(np.float32))
+
+    def evidence(self, root: Path):
+        """SpeciesNet's top-5 and crop quality of every stored detection that pass 2 reads."""
+        from .reclassify import EvidenceTable
+
+        root = Path(root).resolve()
+        rows = self.db.execute("SELECT key, detection, top, quality FROM evidence ORDER BY key, detection").fetchall()
+        tops = [json.loads(t) for _, _, t, _ in rows]
+        quality = np.stack([np.frombuffer(q, dtype=np.float32) for *_, q in rows]) if rows else np.zeros((0, 3))
+        return EvidenceTable([str(root / k) for k, *_ in rows], np.array([d for _, d, _, _ in rows], dtype=np.int64),
+                             [t[0] for t in tops], [t[1] for t in tops], quality.astype(np.float32))
+
+    def degraded(self, root: Path):
+        """Every stored degraded reference view (pass 2 calibrates on them)."""
+        from .reclassify import DegradedTable
+
+        root = Path(root).resolve()
+        rows = self.db.execute("SELECT key, detection, label, kind, vector, top, quality FROM degraded"
+                               " ORDER BY key, detection, view").fetchall()
+        tops = [json.loads(r[5]) for r in rows]
+        vectors = np.stack([np.frombuffer(r[4], dtype=np.float32) for r in rows]) if rows else np.zeros((0, 0))
+        quality = np.stack([np.frombuffer(r[6], dtype=np.float32) for r in rows]) if rows else np.zeros((0, 3))
+        return DegradedTable([str(root / r[0]) for r in rows], np.array([r[1] for r in rows], dtype=np.int64),
+                             [r[2] for r in rows], [r[3] for r in rows], vectors.astype(np.float32),
+                             [t[0] for t in tops], [t[1] for t in tops], quality.astype(np.float32))
+
+    def coarse_sides(self, limit: int) -> list[float]:
+        """Box sides (pixels) of stored coarse candidates, in key order (pass 1 resumes rendering from them)."""
+        from .reclassify.stages import label_depth
+
+        sides = {(k, d): float(np.frombuffer(q, dtype=np.float32)[0])
+                 for k, d, q in self.db.execute("SELECT key, detection, quality FROM evidence")}
+        out: list[float] = []
+        for key, text in self.db.execute("SELECT key, prediction FROM images ORDER BY key"):
+            for idx, det in enumerate(json.loads(text).get("detections") or []):
+                label = (det.get("processed_classification") or {}).get("class")
+                if label and label_depth(label) < 5 and (key, idx) in sides:
+                    out.append(sides[(key, idx)])
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    def degraded_counts(self) -> dict[str, int]:
+        """References with degraded views per label (the sampler resumes from these)."""
+        rows = self.db.execute("SELECT label, COUNT(DISTINCT key || '#' || detection) FROM degraded"
+                               " WHERE kind != 'background' GROUP BY label")
+        return {label: int(n) for label, n in rows}
 
     def save_predictions(self, predictions: list[dict], root: Path) -> None:
         """Writes pass-2 results (the predictions with their reclassification objects) back, in one transaction."""

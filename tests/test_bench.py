@@ -24,7 +24,7 @@ def test_bench_schema_and_timer_coverage(bundle: Path, photos, tmp_path: Path) -
             "--out", str(out))
     result = json.loads((out / "bench.json").read_text())
     assert result["images"] == 6 and result["images_per_s"] > 0 and result["peak_rss_mib"] > 0
-    for stage in ("decode", "detect", "nms", "crop", "classify", "ensemble", "accept", "birds", "centroids", "score"):
+    for stage in ("decode", "detect", "nms", "crop", "classify", "ensemble", "evidence", "accept", "centroids"):
         assert STAGE_KEYS <= set(result["stages"][stage]), stage
     assert result["stages"]["detect"]["count"] == 6
     assert result["timed_share"] >= 0.95, result["timed_share"]

@@ -14,18 +14,9 @@ from test_end_to_end import lean_env, run_cli
 from trapedge.runtime import bundle_update
 from trapedge.runtime.bundle import Bundle, sha256_file
 from trapedge.runtime.bundle_update import HISTORY, KEEP_HISTORY, BundleUpdateError, apply_update, rollback
-from trapedge.runtime.ensemble import Classification, Ensemble, load_geofence, should_geofence_animal_classification
+from trapedge.runtime.ensemble import Ensemble, load_geofence, should_geofence_animal_classification
 
-BLANK = Classification.BLANK.value
-MAMMAL = "m0;mammalia;;;;;mammal"
-CARN = "o1;mammalia;carnivora;;;;carnivores"
-FELID = "f1;mammalia;carnivora;felidae;;;cat family"
-PANTHERA = "g1;mammalia;carnivora;felidae;panthera;;panthera"
-LION = "s1;mammalia;carnivora;felidae;panthera;leo;lion"
-LEOPARD = "s2;mammalia;carnivora;felidae;panthera;pardus;leopard"
-CANID = "f2;mammalia;carnivora;canidae;;;dog family"
-CANIS = "g2;mammalia;carnivora;canidae;canis;;canis"
-JACKAL = "s3;mammalia;carnivora;canidae;canis;mesomelas;jackal"
+from test_stages import BLANK, CANID, CANIS, CARN, FELID, JACKAL, LEOPARD, LION, MAMMAL, PANTHERA  # noqa: E402
 TIGER = "s5;mammalia;carnivora;felidae;panthera;tigris;tiger"
 LABELS = [BLANK, LION, LEOPARD, JACKAL]
 TAXONOMY = [BLANK, MAMMAL, CARN, FELID, PANTHERA, LION, LEOPARD, CANID, CANIS, JACKAL]

@@ -10,8 +10,8 @@ import test_stages as ts
 from test_reclassify import make_bundle, scenario
 from trapedge.runtime.bundle import Bundle
 from trapedge.runtime.bursts import dominant_labels, group_events, pool_by_event
-from trapedge.runtime.reclassify import Reclassifier
-from trapedge.runtime.stages import is_descendant
+from trapedge.runtime.reclassify.runner import Reclassifier
+from trapedge.runtime.reclassify.stages import StageConfig, is_descendant
 
 
 def test_events_split_on_gap_per_camera_and_break_ties_by_name() -> None:
@@ -50,7 +50,8 @@ def test_dominant_label_and_pooling() -> None:
 def test_smoothing_fills_coarse_detections_from_their_event(tmp_path: Path) -> None:
     predictions, table, _ = scenario()
     events = {"/card/refs.jpg": "burst", "/card/coarse.jpg": "burst"}
-    reclassifier = Reclassifier(Bundle.load(make_bundle(tmp_path / "b")), events=events, smoothing=True)
+    reclassifier = Reclassifier(Bundle.load(make_bundle(tmp_path / "b")), StageConfig(decision="smoothing"),
+                                events=events)
     counts = reclassifier.run(predictions, table)
     smoothed = [d["reclassification"] for d in predictions[1]["detections"]
                 if d.get("reclassification", {}).get("stage") == "smoothing"]
@@ -68,9 +69,23 @@ def test_smoothing_fills_coarse_detections_from_their_event(tmp_path: Path) -> N
 
 def test_event_pooling_scores_views_together(tmp_path: Path) -> None:
     predictions, table, _ = scenario()
-    reclassifier = Reclassifier(Bundle.load(make_bundle(tmp_path / "b")), event_pooling=True,
+    reclassifier = Reclassifier(Bundle.load(make_bundle(tmp_path / "b")), StageConfig(decision="adaptive"),
+                                event_pooling=True,
                                 events={"/card/refs.jpg": "e0", "/card/coarse.jpg": "e1"})
     counts = reclassifier.run(predictions, table)
     assert counts["score"] >= 2
     rec = predictions[1]["detections"][0]["reclassification"]
     assert rec["class"] == ts.LION
+
+
+def test_images_without_exif_time_fall_back_to_file_time() -> None:
+    second = 1_000_000_000
+    images = [
+        {"key": "CAM1/A.JPG", "captured": None, "modified_ns": 1_700_000_000 * second},
+        {"key": "CAM1/B.JPG", "captured": None, "modified_ns": 1_700_000_010 * second},
+        {"key": "CAM1/C.JPG", "captured": None, "modified_ns": 1_700_000_500 * second},
+        {"key": "CAM1/D.JPG", "captured": None},
+    ]
+    events = group_events(images, gap_s=60)
+    assert events["CAM1/A.JPG"] == events["CAM1/B.JPG"] != events["CAM1/C.JPG"]
+    assert events["CAM1/D.JPG"] not in (events["CAM1/A.JPG"], events["CAM1/C.JPG"])  # no time at all: alone

@@ -29,7 +29,7 @@ from trapedge.export.onnxio import MAX_IR_VERSION  # noqa: E402
 from trapedge.export.parity import ort_session  # noqa: E402
 from trapedge.runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256_file  # noqa: E402
 from trapedge.runtime.ensemble.taxonomy import get_ancestor_at_level, get_full_class_string  # noqa: E402
-from trapedge.runtime.stages import Centroids, StageConfig  # noqa: E402
+from trapedge.runtime.reclassify.stages import Centroids, StageConfig  # noqa: E402
 
 DIM = 64
 NUISANCE = 16  # leading dimensions carrying large label-free variance

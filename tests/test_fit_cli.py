@@ -13,7 +13,7 @@ import pytest
 
 from test_end_to_end import run_cli
 from trapedge.runtime.bundle import Bundle
-from trapedge.runtime.stages import Centroids, label_depth
+from trapedge.runtime.reclassify.stages import Centroids, label_depth
 
 pytest.importorskip("torch")
 

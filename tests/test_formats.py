@@ -12,7 +12,7 @@ from typing import Optional
 
 import pytest
 
-from paths import REPO
+from paths import CAMTRAP
 from trapedge.runtime import formats
 from trapedge.runtime.ensemble import Classification
 from trapedge.runtime.formats import (
@@ -20,7 +20,6 @@ from trapedge.runtime.formats import (
     write_camtrap_dp, write_flat_csv, write_megadetector_json, write_predictions_json,
 )
 
-CAMTRAP = REPO.parent / "shared" / "data" / "camtrap-dp-1.0.2"
 ROOT = "/card"
 BLANK, ANIMAL, HUMAN = Classification.BLANK.value, Classification.ANIMAL.value, Classification.HUMAN.value
 VEHICLE, UNKNOWN = Classification.VEHICLE.value, Classification.UNKNOWN.value
@@ -186,7 +185,8 @@ def test_megadetector_file_passes_megadetectors_validator_and_loader(tmp_path: P
     table, other = load_api_results(str(path))
     assert sorted(table["file"]) == sorted(im["file"] for im in document["images"])
     assert other["info"]["format_version"] == "1.6" and other["info"]["trapedge"]["version"] == "0.1.0"
-    assert other["info"]["classifier_metadata"]["reclassified_by_stage"] == {"birds": 1, "score": 4}
+    assert other["info"]["classifier_metadata"]["reclassified_by_stage"] == {"birds": 1, "score": 4, "calibrated": 0,
+                                                                        "smoothing": 0}
     failed = [im for im in document["images"] if "failure" in im]
     assert [im["file"] for im in failed] == ["101RECNX/IMG_0007.JPG"] and failed[0]["detections"] is None
     empty = next(im for im in document["images"] if im["file"] == "101RECNX/IMG_0006.JPG")
@@ -274,7 +274,7 @@ def test_speciesnet_resume_reads_our_predictions_with_reclassifications(tmp_path
 
 
 def _offline_session(served: list[str]):
-    """A requests session answering the Camtrap DP 1.0.2 URLs from shared/ and the rest of the profile's $refs."""
+    """A requests session answering the Camtrap DP 1.0.2 URLs from tests/data/ and the rest of the profile's $refs."""
     import requests
     from requests.adapters import BaseAdapter
 
@@ -488,3 +488,16 @@ def test_flat_csv_round_trips_every_detection(tmp_path: Path) -> None:
     assert levels[CANIDAE] == ("family", "score") and levels[LEOPARD] == ("species", "speciesnet")
     assert levels[VEHICLE] == ("", "speciesnet") and levels[UNKNOWN] == ("", "speciesnet")
     assert levels[ANIMAL] == ("kingdom", "detector")
+
+
+def test_atomic_writes_are_readable_by_others(tmp_path: Path) -> None:
+    import os
+
+    from trapedge.runtime.formats import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "out.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o644

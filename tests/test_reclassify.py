@@ -16,8 +16,11 @@ from test_end_to_end import run_cli
 from trapedge.runtime.bundle import Bundle, sha256_file
 from trapedge.runtime.evaluate import evaluate
 from trapedge.runtime.store import STORE_NAME, Store
-from trapedge.runtime.reclassify import EmbeddingTable, Reclassifier
-from trapedge.runtime.stages import StageConfig
+from trapedge.runtime.reclassify import EmbeddingTable
+from trapedge.runtime.reclassify.runner import Reclassifier
+from trapedge.runtime.reclassify.stages import StageConfig
+
+ADAPTIVE = StageConfig(decision="adaptive")
 
 
 def make_bundle(root: Path, geofence: dict | None = None) -> Path:
@@ -64,8 +67,8 @@ def scenario() -> tuple[list[dict], EmbeddingTable, dict[tuple[str, int], str]]:
 def test_pass_two_touches_what_it_should_and_keeps_speciesnet_fields(tmp_path: Path) -> None:
     predictions, table, truth = scenario()
     before = copy.deepcopy(predictions)
-    counts = Reclassifier(Bundle.load(make_bundle(tmp_path / "b"))).run(predictions, table)
-    assert counts == {"accept": 18, "birds": 1, "score": 3, "smoothing": 0, "candidates": 6}
+    counts = Reclassifier(Bundle.load(make_bundle(tmp_path / "b")), ADAPTIVE).run(predictions, table)
+    assert counts == {"accept": 18, "birds": 1, "score": 3, "smoothing": 0, "candidates": 5}
     coarse = predictions[1]["detections"]
     got = [d.get("reclassification") for d in coarse]
     assert got[0]["class"] == ts.LION and got[0]["stage"] == "score" and got[0]["level"] == "species"
@@ -90,30 +93,20 @@ def test_geofence_keeps_blocked_species_out(tmp_path: Path) -> None:
     predictions, table, _ = scenario()
     leopard_key = ";".join(ts.LEOPARD.split(";")[1:6])
     bundle = make_bundle(tmp_path / "b", {leopard_key: {"block": {"KEN": []}}})
-    Reclassifier(Bundle.load(bundle), country="KEN").run(predictions, table)
+    Reclassifier(Bundle.load(bundle), ADAPTIVE, country="KEN").run(predictions, table)
     rec = predictions[1]["detections"][2].get("reclassification")
     assert rec is None or rec["class"] != ts.LEOPARD
-    Reclassifier(Bundle.load(bundle), country="USA").run(predictions, table)
+    Reclassifier(Bundle.load(bundle), ADAPTIVE, country="USA").run(predictions, table)
     assert predictions[1]["detections"][2]["reclassification"]["class"] == ts.LEOPARD
 
 
 def test_unknown_species_counted_when_forced(tmp_path: Path) -> None:
     predictions, table, truth = scenario()
-    Reclassifier(Bundle.load(make_bundle(tmp_path / "b")), StageConfig(lam=100, t_max=2.0, margin=0.0)).run(
+    Reclassifier(Bundle.load(make_bundle(tmp_path / "b")), StageConfig(lam=100, t_max=2.0, margin=0.0, decision="adaptive")).run(
         predictions, table)
     truth[("/card/coarse.jpg", 0)] = "x;mammalia;carnivora;felidae;panthera;tigris;tiger"
     result = evaluate(predictions, truth)
     assert result["unknown_species"]["forced_into_known"] >= 1
-
-
-def test_target_precision_calibration_runs(tmp_path: Path) -> None:
-    predictions, table, _ = scenario()
-    counts = Reclassifier(Bundle.load(make_bundle(tmp_path / "b")), target_precision=0.97).run(predictions, table)
-    assert counts["accept"] == 18
-    for det in predictions[1]["detections"]:
-        rec = det.get("reclassification")
-        if rec and rec["stage"] == "score":
-            assert rec["distance"] <= rec["threshold"]
 
 
 def fill_store(path: Path, predictions: list[dict], table: EmbeddingTable, root: Path) -> None:
@@ -136,10 +129,18 @@ def test_reclassify_and_evaluate_commands(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     fill_store(out / STORE_NAME, predictions, table, Path("/card"))
-    proc = run_cli("reclassify", str(out), "--bundle", str(bundle), "--scoring", "cosine")
+    store = Store(out / STORE_NAME)
+    store.set_meta("pass2", json.dumps({"stages": StageConfig(decision="adaptive").to_dict(),
+                                        "burst_gap": 30.0, "event_pooling": False}))
+    store.close()
+    proc = run_cli("reclassify", str(out), "--bundle", str(bundle), "--decision", "calibrated")
+    assert "'score': 0" in proc.stderr and "no degraded reference views" in proc.stderr
+    assert "no EXIF capture time" in proc.stderr and "file modification time" in proc.stderr
+    proc = run_cli("reclassify", str(out), "--bundle", str(bundle))  # the run's own settings: adaptive, USA
     assert "'score': 3" in proc.stderr
     document = json.loads((out / "predictions.json").read_text())
     assert document["info"]["trapedge"]["reclassification"]["counts"]["birds"] == 1
+    assert document["info"]["trapedge"]["reclassification"]["stages"]["decision"] == "adaptive"
     with open(tmp_path / "truth.csv", "w", newline="") as fp:
         writer = csv.writer(fp)
         writer.writerow(["filepath", "detection", "label"])
@@ -149,3 +150,25 @@ def test_reclassify_and_evaluate_commands(tmp_path: Path) -> None:
     assert json.loads((out / "evaluation.json").read_text())["reclassified"] == 4
     bad = run_cli("evaluate", str(out), "--truth", str(bundle / "labels.txt"), check=False)
     assert bad.returncode == 1 and "truth CSV needs columns" in bad.stderr
+
+
+def test_reclassify_reuses_the_runs_location_unless_overridden(tmp_path: Path) -> None:
+    predictions, table, _ = scenario()
+    leopard_key = ";".join(ts.LEOPARD.split(";")[1:6])
+    bundle = make_bundle(tmp_path / "b", {leopard_key: {"block": {"KEN": []}}})
+    out = tmp_path / "out"
+    out.mkdir()
+    fill_store(out / STORE_NAME, predictions, table, Path("/card"))
+    store = Store(out / STORE_NAME)
+    store.set_meta("pass2", json.dumps({"country": "KEN", "stages": StageConfig(decision="adaptive").to_dict()}))
+    store.close()
+
+    def felid() -> str:
+        document = json.loads((out / "predictions.json").read_text())
+        coarse = next(p for p in document["predictions"] if p["filepath"].endswith("coarse.jpg"))
+        return (coarse["detections"][2].get("reclassification") or {}).get("class", "")
+
+    run_cli("reclassify", str(out), "--bundle", str(bundle))
+    assert felid() != ts.LEOPARD  # blocked in the run's country, KEN
+    run_cli("reclassify", str(out), "--bundle", str(bundle), "--country", "USA")
+    assert felid() == ts.LEOPARD

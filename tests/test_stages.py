@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from trapedge.runtime.ensemble import Classification
-from trapedge.runtime.stages import (
+from trapedge.runtime.reclassify.stages import (
     StageConfig, accept, aves_mass, bird_probability, birds, build_centroids, is_descendant, label_depth, score,
 )
 
@@ -141,14 +141,15 @@ def test_ties_fall_back_to_the_shared_ancestor() -> None:
     midpoint = cents.vectors[cents.index[LION]] + cents.vectors[cents.index[LEOPARD]]
     out = score(midpoint[None], [ANIMAL], np.ones(1), cents, lambda _: True, StageConfig(lam=50, t_max=2.0))
     assert out[0] is not None and out[0].level != "species"
-    assert out[0].label in (PANTHERA, FELID, CARN) and out[0].margin is None or out[0].margin >= 0
+    assert out[0].label in (PANTHERA, FELID, CARN)
+    assert out[0].margin is None or out[0].margin >= 0
 
 
 def test_mahalanobis_scoring_reclassifies_too() -> None:
     vecs, labels = _refs({LION: 40, LEOPARD: 40, JACKAL: 40})
     config = StageConfig(scoring="mahalanobis")
     cents = build_centroids(vecs, labels, TAXONOMY_MAP, config)
-    assert cents.precisions is not None and cents.precisions.shape == (len(cents), DIM, DIM)
+    assert cents.whitening.shape == (DIM, DIM) and cents.inv_var.shape == (len(cents), DIM)
     out = score(np.stack([_near(LEOPARD), _near(JACKAL)]), [ANIMAL, ANIMAL], np.ones(2), cents,
                 lambda _: True, config)
     assert [d.label if d else None for d in out] == [LEOPARD, JACKAL]
@@ -160,3 +161,20 @@ def test_config_refuses_unknown_settings() -> None:
     with pytest.raises(ValueError, match="scoring"):
         StageConfig(scoring="euclid")
     assert StageConfig.from_dict(StageConfig(lam=3).to_dict()) == StageConfig(lam=3)
+
+
+def test_mahalanobis_matrix_equals_the_explicit_distance_and_memory_is_bounded() -> None:
+    from trapedge.runtime.reclassify.stages import distance_matrix
+
+    vecs, labels = _refs({LION: 30, LEOPARD: 30, JACKAL: 30})
+    config = StageConfig(scoring="mahalanobis")
+    cents = build_centroids(vecs, labels, TAXONOMY_MAP, config)
+    x = np.stack([_near(LEOPARD), _near(JACKAL), _near(OSTRICH)])
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    got = distance_matrix(x, cents, np.arange(len(cents)), config)
+    for i in range(len(x)):
+        for k in range(len(cents)):
+            z = cents.whitening @ (x[i] - cents.vectors[k])
+            assert got[i, k] == pytest.approx((z ** 2 * cents.inv_var[k]).sum() / DIM, rel=1e-6, abs=1e-9)
+    held = cents.whitening.nbytes + cents.inv_var.nbytes
+    assert held == (DIM * DIM + len(cents) * DIM) * 8  # one whitening, a diagonal per centroid
