@@ -99,52 +99,42 @@ class CardModel:
                  ref_events: list[str], allowed: Callable[[str], bool], config: StageConfig,
                  ref_tops: Optional[Sequence[tuple[list[str], list[float]]]] = None) -> None:
         self.vocab, self.cents, self.config, self.allowed = vocab, cents, config, allowed
-        for label in list(cents.labels) + list(ref_labels):
+        for label in cents.labels:
             vocab.id(label)
-        members = _normalise(np.asarray(cent_vectors, dtype=np.float64))
+        members = np.asarray(cent_vectors)  # already unit length (pass_two normalises before centroids)
         dim = cents.vectors.shape[1] if len(cents) else (members.shape[1] if members.ndim == 2 else 0)
         self.sums = np.zeros((len(cents), dim))
         self.sizes = np.zeros(len(cents))
         self.label_sums: dict[str, np.ndarray] = {}
         self.label_sizes: dict[str, int] = {}
-        label_rows: dict[str, list[int]] = {}
-        for i, label in enumerate(cent_labels):
-            label_rows.setdefault(label, []).append(i)
-        for label, rows in label_rows.items():
-            total = members[rows].sum(axis=0)
-            self.label_sums[label] = total
-            self.label_sizes[label] = len(rows)
-            for _, node in _lineage(label, vocab.taxonomy_map):
-                k = cents.index.get(node)
-                if k is not None:
-                    self.sums[k] += total
-                    self.sizes[k] += len(rows)
-        self.ref_member = np.array([members[m] if m >= 0 else np.zeros(dim) for m in member_of_ref]).reshape(
-            len(member_of_ref), dim)
-        self.ref_in_centroids = np.asarray(member_of_ref) >= 0
+        if len(cent_labels):
+            names, inverse = np.unique(np.asarray(cent_labels, dtype=object), return_inverse=True)
+            order = np.argsort(inverse, kind="stable")
+            _, starts = np.unique(inverse[order], return_index=True)
+            totals = np.add.reduceat(members[order].astype(np.float64), starts, axis=0)
+            sizes = np.bincount(inverse, minlength=len(names))
+            for label, total, size in zip(names.tolist(), totals, sizes.tolist()):
+                vocab.id(label)
+                self.label_sums[label] = total
+                self.label_sizes[label] = size
+                for _, node in _lineage(label, vocab.taxonomy_map):
+                    k = cents.index.get(node)
+                    if k is not None:
+                        self.sums[k] += total
+                        self.sizes[k] += size
+        member_of_ref = np.asarray(member_of_ref, dtype=np.int64)
+        self.ref_in_centroids = member_of_ref >= 0
+        self.ref_member = np.zeros((member_of_ref.size, dim))
+        self.ref_member[self.ref_in_centroids] = members[member_of_ref[self.ref_in_centroids]]
         self.spread = np.maximum(cents.std_distance, 0.01) if len(cents) else np.zeros(0)
         self.ref_ids = vocab.ids_of(ref_labels)
         self.ref_scores = np.asarray(ref_scores, dtype=np.float64)
         self.event_ids: dict[str, int] = {}
         self.ref_events = np.array([self.event_id(e) for e in ref_events], dtype=np.int64)
-        self.event_label_count: dict[tuple[int, int], int] = {}
-        for e, r in zip(self.ref_events.tolist(), self.ref_ids.tolist()):
-            self.event_label_count[(e, r)] = self.event_label_count.get((e, r), 0) + 1
-        # What each reference would have been called had its species been unknown to the classifier: its
-        # top-5 without its own label, renormalised (a softmax over the other classes), accepted as stage 1
-        # would accept it. An unknown animal's burst holds such confidently wrong references.
-        self.event_label_impostors: dict[tuple[int, int], list[int]] = {}
-        for j, (e, r) in enumerate(zip(self.ref_events.tolist(), self.ref_ids.tolist())):
-            impostor = -1
-            if ref_tops is not None:
-                classes, scores = ref_tops[j]
-                rest = [(s, c) for c, s in zip(classes, scores) if c and c != ref_labels[j]]
-                own = sum(s for c, s in zip(classes, scores) if c == ref_labels[j])
-                if rest and own < 1.0:
-                    top_score, top_label = max(rest)
-                    if label_depth(top_label) == 5 and top_score / (1.0 - own) >= config.tau_accept:
-                        impostor = vocab.id(top_label)
-            self.event_label_impostors.setdefault((e, r), []).append(impostor)
+        self.ref_labels, self.ref_tops = ref_labels, ref_tops
+        self._groups: Optional[dict[tuple[int, int], list[int]]] = None
+        self._impostors: dict[int, int] = {}
+        self._group_cache: dict[tuple[int, int], tuple[int, list[int]]] = {}
         self.cols: dict[int, np.ndarray] = {}
         for depth, level in DEPTH_LEVEL.items():
             self.cols[depth] = np.array([k for k, lev in enumerate(cents.levels) if lev == level], dtype=np.int64)
@@ -162,6 +152,39 @@ class CardModel:
                     [self.allowed(n) for n in names[len(self._allowed):]], dtype=bool)])
             mask = self._masks[coarse] = self.vocab.descendant_mask(coarse, self._allowed)
         return mask
+
+    def group(self, event: int, label: int) -> tuple[int, list[int]]:
+        """(references of this label in this event, their impostor labels), built on first use."""
+        if self._groups is None:
+            self._groups = {}
+            for j, key in enumerate(zip(self.ref_events.tolist(), self.ref_ids.tolist())):
+                self._groups.setdefault(key, []).append(j)
+        key = (event, label)
+        found = self._group_cache.get(key)
+        if found is None:
+            members = self._groups.get(key, [])
+            found = self._group_cache[key] = (len(members),
+                                              [m for m in (self._impostor(j) for j in members) if m >= 0])
+        return found
+
+    def _impostor(self, j: int) -> int:
+        """What reference j would have been called had its species been unknown to the classifier (-1: no
+        reference): its top-5 without its own label, renormalised (a softmax over the other classes), accepted
+        as stage 1 would accept it. An unknown animal's burst holds such confidently wrong references."""
+        found = self._impostors.get(j)
+        if found is None:
+            found = -1
+            if self.ref_tops is not None:
+                classes, scores = self.ref_tops[j]
+                own_label = self.ref_labels[j]
+                rest = [(sc, c) for c, sc in zip(classes, scores) if c and c != own_label]
+                own = sum(sc for c, sc in zip(classes, scores) if c == own_label)
+                if rest and own < 1.0:
+                    top_score, top_label = max(rest)
+                    if label_depth(top_label) == 5 and top_score / (1.0 - own) >= self.config.tau_accept:
+                        found = self.vocab.id(top_label)
+            self._impostors[j] = found
+        return found
 
     def event_id(self, event: Optional[str]) -> int:
         """Integer id of an event (-1 for none)."""
@@ -227,7 +250,8 @@ class QueryEvidence:
         self._dist: dict = {}
 
     def _allowed(self, ids: np.ndarray) -> np.ndarray:
-        return self.permitted[self.coarse_row, ids] & (ids >= 0)
+        known = (ids >= 0) & (ids < self.permitted.shape[1] - 1)  # ids added after this query set: not allowed
+        return self.permitted[self.coarse_row, np.where(known, ids, -1)] & known
 
     # SpeciesNet's own evidence
     def speciesnet(self, depth: int) -> tuple[np.ndarray, np.ndarray]:
@@ -314,12 +338,9 @@ class QueryEvidence:
             n_hidden = np.zeros(rows.size)
             imp_rows, imp_ids = [], []
             for k, i in enumerate(rows.tolist()):
-                key = (int(self.events[i]), int(self.hidden_ids[i]))
-                n_hidden[k] = card.event_label_count.get(key, 0)
-                for m in card.event_label_impostors.get(key, []):
-                    if m >= 0:
-                        imp_rows.append(i)
-                        imp_ids.append(m)
+                n_hidden[k], impostors = card.group(int(self.events[i]), int(self.hidden_ids[i]))
+                imp_rows += [i] * len(impostors)
+                imp_ids += impostors
             self._dist["hidden"] = (rows, n_hidden, np.array(imp_rows, dtype=np.int64),
                                     np.array(imp_ids, dtype=np.int64))
         return self._dist["hidden"]
@@ -356,8 +377,8 @@ class QueryEvidence:
         impostor = np.full(len(out), -1, dtype=np.int64)
         anc_table = self.card.vocab.ancestors(depth)
         for i in np.flatnonzero(self.hidden_ids >= 0):
-            found = [int(anc_table[m]) for m in self.card.event_label_impostors.get(
-                (int(self.events[i]), int(self.hidden_ids[i])), []) if m >= 0 and anc_table[m] >= 0]
+            _, impostors = self.card.group(int(self.events[i]), int(self.hidden_ids[i]))
+            found = [int(anc_table[m]) for m in impostors if anc_table[m] >= 0]
             if found:
                 impostor[i] = max(set(found), key=found.count)
         for cand in (first[ev], second[ev], impostor):

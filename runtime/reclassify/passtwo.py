@@ -142,7 +142,7 @@ def pass_two(inputs: PassTwoInputs, taxonomy_map: dict, allowed: Callable[[str],
         return result
     project = head or _normalise
     raw = inputs.embeddings.vectors[np.asarray(vec_rows)]
-    projected = project(raw)
+    projected = project(raw) if head is None else _normalise(project(raw))
     labels = [d["processed_classification"]["class"] for d in dets]
     scores = np.array([d["processed_classification"]["score"] for d in dets], dtype=np.float64)
     sources = [d["processed_classification"]["source"] for d in dets]

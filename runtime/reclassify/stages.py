@@ -274,31 +274,70 @@ def _lineage(label: str, taxonomy_map: dict) -> list[tuple[str, str]]:
 
 def build_centroids(embeddings: np.ndarray, labels: Sequence[str], taxonomy_map: dict,
                     config: StageConfig) -> Centroids:
-    """Stage 3: centroids for every label with >= n_min references; ancestors pool their descendants."""
+    """Stage 3: centroids for every label with >= n_min references; ancestors pool their descendants.
+
+    Vectorised per level: each reference belongs to at most one node per level, so a level's member sums
+    are a sorted segment sum and each reference's distance to its node's centroid one row-wise product.
+    """
     vectors = _normalise(np.asarray(embeddings, dtype=np.float64))
-    members: dict[str, list[int]] = {}
-    level_of: dict[str, str] = {}
-    lineages: dict[str, list[tuple[str, str]]] = {}
-    for i, label in enumerate(labels):
-        if label not in lineages:
-            lineages[label] = _lineage(label, taxonomy_map)
-        for level, node in lineages[label]:
-            members.setdefault(node, []).append(i)
-            level_of[node] = level
-    keep = sorted(node for node, rows in members.items() if len(rows) >= config.n_min)
+    labels = list(labels)
     dim = vectors.shape[1] if vectors.ndim == 2 else 0
-    cents = np.zeros((len(keep), dim))
-    counts = np.zeros(len(keep), dtype=np.int64)
-    mean_d = np.zeros(len(keep))
-    std_d = np.zeros(len(keep))
-    for k, node in enumerate(keep):
-        rows = vectors[members[node]]
-        c = _normalise(rows.mean(axis=0))
-        d = 1.0 - rows @ c
-        cents[k], counts[k], mean_d[k], std_d[k] = c, len(rows), d.mean(), d.std()
+    unique = sorted(set(labels))
+    label_row = {lab: i for i, lab in enumerate(unique)}
+    row_label = np.array([label_row[lab] for lab in labels], dtype=np.int64)
+    nodes: dict[str, int] = {}
+    level_of: dict[str, str] = {}
+    per_level: dict[str, np.ndarray] = {}
+    for level in ("species", "genus", "family", "order", "class", "kingdom"):
+        per_level[level] = np.full(len(unique), -1, dtype=np.int64)
+    for i, label in enumerate(unique):
+        for level, node in _lineage(label, taxonomy_map):
+            nodes.setdefault(node, len(nodes))
+            level_of[node] = level
+            per_level[level][i] = nodes[node]
+    names = list(nodes)
+    label_sums = np.zeros((len(unique), dim))
+    label_counts = np.bincount(row_label, minlength=len(unique)) if len(labels) else np.zeros(0, dtype=np.int64)
+    if len(labels):
+        order = np.argsort(row_label, kind="stable")
+        present, starts = np.unique(row_label[order], return_index=True)
+        label_sums[present] = np.add.reduceat(vectors[order], starts, axis=0)
+    sums = np.zeros((len(names), dim))
+    counts_all = np.zeros(len(names), dtype=np.int64)
+    for of_label in per_level.values():
+        valid = np.flatnonzero(of_label >= 0)
+        np.add.at(sums, of_label[valid], label_sums[valid])
+        np.add.at(counts_all, of_label[valid], label_counts[valid])
+    keep_ids = np.array(sorted((k for k in range(len(names)) if counts_all[k] >= config.n_min),
+                               key=lambda k: names[k]), dtype=np.int64)
+    keep = [names[k] for k in keep_ids]
+    cents = _normalise(sums[keep_ids]) if keep_ids.size else np.zeros((0, dim))
+    position = np.full(len(names) + 1, -1, dtype=np.int64)
+    position[keep_ids] = np.arange(keep_ids.size)
+    total = np.zeros(len(keep))
+    total_sq = np.zeros(len(keep))
+    x32 = vectors.astype(np.float32)
+    c32 = np.vstack([cents, np.zeros((1, dim))]).astype(np.float32)  # last row: "no centroid"
+    for of_label in per_level.values():
+        pos = position[of_label][row_label] if len(labels) else np.zeros(0, dtype=np.int64)
+        live = pos >= 0
+        if not live.any():
+            continue
+        d = 1.0 - np.einsum("ij,ij->i", x32, c32[pos]).astype(np.float64)
+        total += np.bincount(pos[live], weights=d[live], minlength=len(keep))
+        total_sq += np.bincount(pos[live], weights=d[live] ** 2, minlength=len(keep))
+    counts = counts_all[keep_ids]
+    mean_d = total / np.maximum(counts, 1)
+    std_d = np.sqrt(np.maximum(total_sq / np.maximum(counts, 1) - mean_d ** 2, 0.0))
     result = Centroids(keep, [level_of[n] for n in keep], cents, counts, mean_d, std_d,
-                       references=vectors.astype(np.float32), reference_labels=list(labels))
+                       references=vectors.astype(np.float32), reference_labels=labels)
     if config.scoring == "mahalanobis" and keep:
+        members: dict[str, list[int]] = {}
+        for of_label in per_level.values():
+            node_of_row = of_label[row_label]
+            for i, k in enumerate(node_of_row.tolist()):
+                if k >= 0:
+                    members.setdefault(names[k], []).append(i)
         _fit_mahalanobis(result, vectors, members, config)
     return result
 
