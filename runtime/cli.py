@@ -109,7 +109,8 @@ def run(
     n_min: Optional[int] = typer.Option(None, min=1, help="Stage 3 references per centroid."),
     burst_gap: float = typer.Option(DEFAULT_GAP_S, min=0.0, help="Seconds between photos of one event (burst)."),
     event_pooling: bool = typer.Option(False, help="--decision adaptive scores an event's same-label crops together."),
-    timezone: Optional[str] = typer.Option(None, help="IANA timezone of the camera clock (Camtrap DP), e.g. Africa/Windhoek."),
+    timezone: Optional[str] = typer.Option(None, help="Camera clock's IANA timezone or UTC offset (Camtrap DP), e.g. "
+                                                      "Africa/Windhoek or +02:00."),
     lat: Optional[float] = typer.Option(None, help="Deployment latitude (Camtrap DP)."),
     lon: Optional[float] = typer.Option(None, help="Deployment longitude (Camtrap DP)."),
     deployment_id: Optional[str] = typer.Option(None, help="Deployment id (Camtrap DP); default: the dump's folder name."),
@@ -421,8 +422,18 @@ def _read_json(path: Path) -> dict:
 def export_results_cmd(
     outdir: Path = typer.Argument(..., exists=True, file_okay=False, help="Output folder of a run."),
     format: list[str] = typer.Option(list(FORMATS), "--format", "-f", help=f"Any of {', '.join(FORMATS)}."),
+    timezone: Optional[str] = typer.Option(None, help="Camera clock's IANA timezone or UTC offset, e.g. "
+                                                      "Africa/Windhoek or +02:00 (Camtrap DP; remembered)."),
+    lat: Optional[float] = typer.Option(None, help="Deployment latitude (Camtrap DP; remembered)."),
+    lon: Optional[float] = typer.Option(None, help="Deployment longitude (Camtrap DP; remembered)."),
+    deployment_id: Optional[str] = typer.Option(None, help="Deployment id (Camtrap DP); default: the recorded "
+                                                           "one, else the dump's folder name."),
 ) -> None:
-    """Re-write result files from the results store (SpeciesNet JSON, MegaDetector JSON, Camtrap DP, CSV)."""
+    """Re-write result files from the results store (SpeciesNet JSON, MegaDetector JSON, Camtrap DP, CSV).
+
+    A deployment given here (all of --timezone, --lat and --lon, or any of them to amend the recorded one) is
+    stored with the run, so a run made without it needs no rerun.
+    """
     unknown = set(format) - set(FORMATS)
     if unknown:
         _fail(f"unknown format(s) {', '.join(sorted(unknown))}; expected {', '.join(FORMATS)}")
@@ -430,6 +441,21 @@ def export_results_cmd(
         _fail(f"{outdir}: no {STORE_NAME}; run `trapedge run` first")
     store = Store(outdir / STORE_NAME)
     dump = Path(store.get_meta("dump_root") or outdir)
+    given = {"timezone": timezone, "latitude": lat, "longitude": lon, "deployment_id": deployment_id}
+    if any(v is not None for v in given.values()):
+        values = {**json.loads(store.get_meta("deployment") or "{}"),
+                  **{k: v for k, v in given.items() if v is not None}}
+        values.setdefault("deployment_id", dump.name or "deployment")
+        missing = [flag for flag, key in (("--timezone", "timezone"), ("--lat", "latitude"), ("--lon", "longitude"))
+                   if values.get(key) is None]
+        try:
+            if missing:
+                raise ValueError(f"Camtrap DP needs {', '.join(missing)} (none recorded for {outdir})")
+            Deployment.from_dict(values)
+        except ValueError as e:
+            store.close()
+            _fail(str(e))
+        store.set_meta("deployment", json.dumps(values))
     try:
         info = json.loads((outdir / "predictions.json").read_text(encoding="utf-8")).get("info", {})
     except (OSError, json.JSONDecodeError):

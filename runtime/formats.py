@@ -9,7 +9,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -191,6 +191,27 @@ class ImageInfo:
                 "captured": self.captured, "status": self.status, "reason": self.reason}
 
 
+_OFFSET = re.compile(r"^(?:UTC)?([+-])(\d{1,2}):?(\d{2})?$")
+
+
+def parse_zone(value: str) -> tzinfo:
+    """An IANA zone (Africa/Windhoek) or a fixed UTC offset (+02:00, -0530, UTC+2) as a tzinfo."""
+    match = _OFFSET.match(value.strip())
+    if match:
+        sign, hours, minutes = match.group(1), int(match.group(2)), int(match.group(3) or 0)
+        if hours > 14 or minutes > 59:
+            raise ValueError(f"UTC offset {value!r} is out of range (-14:00 to +14:00)")
+        delta = timedelta(hours=hours, minutes=minutes)
+        return timezone(-delta if sign == "-" else delta)
+    if value.strip().upper() in ("UTC", "Z"):
+        return timezone.utc
+    try:
+        return ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as e:
+        raise ValueError(f"unknown timezone {value!r}: give an IANA name (e.g. Africa/Windhoek) or a UTC offset "
+                         "(e.g. +02:00)") from e
+
+
 @dataclass(frozen=True)
 class Deployment:
     """One camera deployment as Camtrap DP describes it; `timezone` is the camera clock's IANA zone."""
@@ -229,10 +250,7 @@ class Deployment:
             raise ValueError(f"latitude must be within [-90, 90], got {self.latitude}")
         if not -180 <= self.longitude <= 180:
             raise ValueError(f"longitude must be within [-180, 180], got {self.longitude}")
-        try:
-            ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError) as e:
-            raise ValueError(f"unknown IANA timezone {self.timezone!r} (e.g. Africa/Windhoek)") from e
+        parse_zone(self.timezone)
         if self.coordinate_uncertainty is not None and self.coordinate_uncertainty < 1:
             raise ValueError(f"coordinate_uncertainty must be at least 1 m, got {self.coordinate_uncertainty}")
         if self.feature_type is not None and self.feature_type not in _FEATURE_TYPES:
@@ -245,9 +263,9 @@ class Deployment:
                 _parse_time(value, name)
 
     @property
-    def zone(self) -> ZoneInfo:
+    def zone(self) -> tzinfo:
         """The camera clock's time zone."""
-        return ZoneInfo(self.timezone)
+        return parse_zone(self.timezone)
 
     @classmethod
     def from_dict(cls, values: dict) -> Deployment:

@@ -501,3 +501,19 @@ def test_atomic_writes_are_readable_by_others(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_deployment_timezone_takes_iana_names_and_utc_offsets() -> None:
+    from datetime import datetime
+
+    from trapedge.runtime.formats import Deployment, parse_zone
+
+    when = datetime(2024, 5, 1, 12, 0, 0)
+    assert when.replace(tzinfo=parse_zone("+02:00")).isoformat().endswith("+02:00")
+    assert when.replace(tzinfo=parse_zone("-0530")).isoformat().endswith("-05:30")
+    assert when.replace(tzinfo=parse_zone("Africa/Windhoek")).utcoffset().total_seconds() == 7200
+    assert Deployment.from_dict({"deployment_id": "d", "latitude": 0.0, "longitude": 0.0,
+                                 "timezone": "UTC+3"}).zone.utcoffset(when).total_seconds() == 10800
+    for bad in ("+15:00", "Mars/Base", "+02:75"):
+        with pytest.raises(ValueError):
+            parse_zone(bad)

@@ -172,3 +172,23 @@ def test_reclassify_reuses_the_runs_location_unless_overridden(tmp_path: Path) -
     assert felid() != ts.LEOPARD  # blocked in the run's country, KEN
     run_cli("reclassify", str(out), "--bundle", str(bundle), "--country", "USA")
     assert felid() == ts.LEOPARD
+
+
+def test_export_results_takes_and_remembers_the_deployment(tmp_path: Path) -> None:
+    predictions, table, _ = scenario()
+    out = tmp_path / "out"
+    out.mkdir()
+    fill_store(out / STORE_NAME, predictions, table, Path("/card"))
+    missing = run_cli("export-results", str(out), "--format", "camtrap-dp", check=False)
+    assert missing.returncode == 1 and "--timezone, --lat and --lon" in missing.stderr
+    partial = run_cli("export-results", str(out), "--timezone", "+02:00", check=False)
+    assert partial.returncode == 1 and "--lat, --lon" in partial.stderr and "Traceback" not in partial.stderr
+    bad = run_cli("export-results", str(out), "--timezone", "Mars/Base", "--lat", "1", "--lon", "2", check=False)
+    assert bad.returncode == 1 and "UTC offset" in bad.stderr
+    run_cli("export-results", str(out), "--timezone", "+02:00", "--lat", "-22.5", "--lon", "17.1",
+            "--deployment-id", "cam-7")
+    deployments = (out / "camtrap-dp" / "deployments.csv").read_text()
+    assert "cam-7" in deployments and "-22.5" in deployments
+    (out / "camtrap-dp" / "deployments.csv").unlink()
+    run_cli("export-results", str(out), "--format", "camtrap-dp")  # remembered in the store
+    assert "cam-7" in (out / "camtrap-dp" / "deployments.csv").read_text()
