@@ -87,14 +87,15 @@ def _calibrate(candidates: Queries, degraded, ref_keys: list, ref_labels: list[s
     views = np.flatnonzero(usable)
     hidden = np.flatnonzero(usable & known)
     order = np.concatenate([views, hidden])
-    vectors = project(np.asarray(degraded.vectors, dtype=np.float32)) if len(degraded.labels) else np.zeros((0, 0))
+    raw_views = np.asarray(degraded.vectors, dtype=np.float32)[order]  # only the views in use
+    vectors = project(raw_views)
     views_q = Queries(
-        vectors=vectors[order],
+        vectors=vectors,
         coarse=[Classification.ANIMAL.value if known[i] else Classification.BLANK.value for i in order],
         events=[ref_events[source[i]] for i in order],
         top_classes=[degraded.top_classes[i] for i in order], top_scores=[degraded.top_scores[i] for i in order],
         quality=np.asarray(degraded.quality, dtype=np.float64)[order],
-        bird_prompt=prompt_of(vectors)[order],
+        bird_prompt=prompt_of(raw_views),  # prompts live in the encoder's space, before the head
         source_ref=source[order],
         hidden_label=[None] * len(views) + [degraded.labels[i] for i in hidden])
     # The sampled references themselves, clean, as unknown species: on a real card an unknown animal's
