@@ -52,7 +52,8 @@ def _fill(dump: Path, out: Path, bundle: Path, count: int) -> None:
         store.put(SimpleNamespace(
             record=record, prediction={"detections": dets, "model_version": "demo-untrained"}, status="ok",
             width=64, height=48, captured="2024-01-01T00:00:00", error=None, warnings=[],
-            embeddings={0: rng.normal(size=64).astype(np.float32), 1: rng.normal(size=64).astype(np.float32)}))
+            embeddings={0: rng.normal(size=64).astype(np.float32), 1: rng.normal(size=64).astype(np.float32)},
+            evidence={}, degraded=[]))
     store.close()
 
 

@@ -313,7 +313,6 @@ class Runner:
             return
         with self.timer.stage("degrade"):
             rng = np.random.default_rng(zlib.crc32(f"{result.record.key}#{chosen}".encode()))
-            height, width = work.image.pixels.shape[:2]
             boxes = [d["bbox"] for d in detections]
             views: list[tuple[int, str, str, np.ndarray, float]] = []
             for i in chosen:

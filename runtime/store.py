@@ -119,14 +119,14 @@ class Store:
             self.db.executemany(
                 "INSERT INTO evidence (key, detection, top, quality) VALUES (?, ?, ?, ?)",
                 [(record.key, int(i), json.dumps(top), np.asarray(quality, dtype=np.float32).tobytes())
-                 for i, (top, quality) in sorted(getattr(result, "evidence", {}).items())])
+                 for i, (top, quality) in sorted(result.evidence.items())])
             self.db.execute("DELETE FROM degraded WHERE key = ?", (record.key,))
             self.db.executemany(
                 "INSERT INTO degraded (key, detection, view, label, kind, vector, top, quality)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(record.key, int(v.detection), n, v.label, v.kind, np.asarray(v.vector, dtype=np.float32).tobytes(),
                   json.dumps(v.top), np.asarray(v.quality, dtype=np.float32).tobytes())
-                 for n, v in enumerate(getattr(result, "degraded", []))])
+                 for n, v in enumerate(result.degraded)])
             checkpoint("commit")
 
     def predictions(self, root: Path) -> list[dict]:

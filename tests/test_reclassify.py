@@ -119,7 +119,7 @@ def fill_store(path: Path, predictions: list[dict], table: EmbeddingTable, root:
                       if fp == pred["filepath"]}
         store.put(SimpleNamespace(record=SimpleNamespace(key=key, size=1, mtime_ns=1), prediction=pred,
                                   status="ok", width=100, height=100, captured=None, error=None, warnings=[],
-                                  embeddings=embeddings))
+                                  embeddings=embeddings, evidence={}, degraded=[]))
     store.close()
 
 

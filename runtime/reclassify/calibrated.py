@@ -32,10 +32,10 @@ def _off(calibration: dict, notes: list[str], config: StageConfig, reason: str) 
     notes.append(f"calibrated re-classification is off: {reason}")
 
 
-def decide(candidates: Queries, keys: list, originals: list[str], ref_keys: list, ref_labels: list[str],
-           ref_scores: np.ndarray, ref_events: list[str], ref_tops: list, ref_queries: Queries, cents: Centroids, cent_vectors: np.ndarray,
-           cent_labels: list[str], member_of_ref: np.ndarray, degraded, taxonomy_map: dict,
-           allowed: Callable[[str], bool], config: StageConfig, project, prompt_of, seed: int = 0,
+def decide(candidates: Queries, keys: list, originals: list[str], ref_keys: list, ref_scores: np.ndarray,
+           ref_queries: Queries, cents: Centroids, cent_vectors: np.ndarray, cent_labels: list[str],
+           member_of_ref: np.ndarray, degraded, taxonomy_map: dict, allowed: Callable[[str], bool],
+           config: StageConfig, project, prompt_of, seed: int = 0,
            stage=lambda name: nullcontext()) -> tuple[dict, dict, list[str]]:
     """Decisions (key -> reclassification object) for the candidates, the calibration report, notes."""
     calibration = {"decision": "calibrated", "target_precision": config.target_precision,
@@ -46,11 +46,8 @@ def decide(candidates: Queries, keys: list, originals: list[str], ref_keys: list
                                          "for stage-1 references; rerun pass 1 with this version)")
         return {}, calibration, notes
     with stage("calibrate"):
-        found = _calibrate(candidates, degraded, ref_keys, ref_labels, ref_scores, ref_events, ref_tops, ref_queries,
-                           cents,
-                           cent_vectors,
-                           cent_labels, member_of_ref, taxonomy_map, allowed, config, project, prompt_of, seed,
-                           calibration, notes)
+        found = _calibrate(degraded, ref_keys, ref_scores, ref_queries, cents, cent_vectors, cent_labels,
+                           member_of_ref, taxonomy_map, allowed, config, project, prompt_of, seed, calibration, notes)
     if found is None:
         return {}, calibration, notes
     card, models, thresholds, depths = found
@@ -63,14 +60,19 @@ def decide(candidates: Queries, keys: list, originals: list[str], ref_keys: list
     return decisions, calibration, notes
 
 
-def _calibrate(candidates: Queries, degraded, ref_keys: list, ref_labels: list[str], ref_scores: np.ndarray,
-               ref_events: list[str], ref_tops: list, ref_queries: Queries, cents: Centroids, cent_vectors: np.ndarray, cent_labels: list[str],
-               member_of_ref: np.ndarray, taxonomy_map: dict, allowed: Callable[[str], bool], config: StageConfig,
-               project, prompt_of, seed: int, calibration: dict, notes: list[str]):
-    """(card model, fold models, thresholds per depth, depths), or None when calibration switched pass 2 off."""
+def _calibrate(degraded, ref_keys: list, ref_scores: np.ndarray, ref_queries: Queries, cents: Centroids,
+               cent_vectors: np.ndarray, cent_labels: list[str], member_of_ref: np.ndarray, taxonomy_map: dict,
+               allowed: Callable[[str], bool], config: StageConfig, project, prompt_of, seed: int,
+               calibration: dict, notes: list[str]):
+    """(card model, fold models, thresholds per depth, depths), or None when calibration switched pass 2 off.
+
+    `ref_queries` holds the card's stage-1 references as queries: their labels (as `hidden_label`), events,
+    top-5 and quality.
+    """
+    ref_labels, ref_events = ref_queries.hidden_label, ref_queries.events
     vocab = Vocabulary(taxonomy_map)
     card = CardModel(vocab, cents, cent_vectors, cent_labels, member_of_ref, ref_labels, ref_scores, ref_events,
-                     allowed, config, ref_tops)
+                     allowed, config, list(zip(ref_queries.top_classes, ref_queries.top_scores)))
     ref_index = {key: j for j, key in enumerate(ref_keys)}
     source = np.array([ref_index.get((fp, int(d)), -1) for fp, d in zip(degraded.filepaths, degraded.detections)],
                       dtype=np.int64)

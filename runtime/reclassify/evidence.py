@@ -16,7 +16,7 @@ import numpy as np
 
 from ..ensemble import Classification
 from ..ensemble.taxonomy import get_ancestor_at_level
-from .stages import Centroids, StageConfig, _lineage, label_depth
+from .stages import Centroids, StageConfig, _lineage, label_depth, unit_rows
 
 __all__ = ["FEATURES", "CardModel", "Queries", "QueryEvidence", "Vocabulary"]
 
@@ -399,7 +399,7 @@ class QueryEvidence:
         if cols.size == 0 or n == 0:
             self._dist[depth] = (np.full((n, 0), np.inf), np.zeros(0, dtype=np.int64))
             return self._dist[depth]
-        x = _normalise(np.asarray(self.q.vectors, dtype=np.float32))
+        x = unit_rows(np.asarray(self.q.vectors, dtype=np.float32))
         d = 1.0 - x @ card.cents.vectors[cols].T.astype(np.float32)
         col_of = np.full(len(card.cents), -1, dtype=np.int64)
         col_of[cols] = np.arange(cols.size)
@@ -513,6 +513,3 @@ class QueryEvidence:
             self.q.bird_prompt * aves, burst_top, speciesnet_top, burst_top + nearest + speciesnet_top, onehot,
         ])
 
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

@@ -28,7 +28,7 @@ from .calibrated import decide
 from .evidence import Queries
 from .stages import (
     StageConfig, accept, aves_mass, bird_probability, birds, build_centroids, is_descendant, label_depth,
-    needs_embedding, score,
+    needs_embedding, score, unit_rows,
 )
 
 __all__ = ["DegradedTable", "EmbeddingTable", "EvidenceTable", "PassTwoInputs", "PassTwoResult", "pass_two"]
@@ -140,9 +140,9 @@ def pass_two(inputs: PassTwoInputs, taxonomy_map: dict, allowed: Callable[[str],
     result = PassTwoResult({}, counts, {"decision": config.decision}, [])
     if not dets:
         return result
-    project = head or _normalise
+    project = (lambda v: _normalise(head(v))) if head is not None else _normalise
     raw = inputs.embeddings.vectors[np.asarray(vec_rows)]
-    projected = project(raw) if head is None else _normalise(project(raw))
+    projected = project(raw)
     labels = [d["processed_classification"]["class"] for d in dets]
     scores = np.array([d["processed_classification"]["score"] for d in dets], dtype=np.float64)
     sources = [d["processed_classification"]["source"] for d in dets]
@@ -208,9 +208,8 @@ def pass_two(inputs: PassTwoInputs, taxonomy_map: dict, allowed: Callable[[str],
             quality=quality[ref_idx], bird_prompt=prompt_prob[ref_idx],
             source_ref=np.arange(ref_idx.size), hidden_label=[labels[i] for i in ref_idx])
         decisions, calibration, notes = decide(
-            queries, [keys[i] for i in cand], [labels[i] for i in cand], [keys[i] for i in ref_idx], ref_labels,
-            scores[ref_idx], [events[i] for i in ref_idx], [(top_classes[i], top_scores[i]) for i in ref_idx],
-            ref_queries, cents, cent_vectors, cent_labels, member_of_ref,
+            queries, [keys[i] for i in cand], [labels[i] for i in cand], [keys[i] for i in ref_idx],
+            scores[ref_idx], ref_queries, cents, cent_vectors, cent_labels, member_of_ref,
             inputs.degraded, taxonomy_map, allowed, config, project, prompt_of, seed, stage)
         result.decisions.update(decisions)
         result.calibration.update(calibration)
@@ -279,5 +278,5 @@ def _smooth(result: PassTwoResult, keys: list, dets: list[dict], labels: list[st
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    """float32 unit rows: pass 2 keeps its large matrices in single precision."""
+    return unit_rows(np.asarray(x, dtype=np.float32))

@@ -29,6 +29,7 @@ __all__ = [
     "label_depth",
     "needs_embedding",
     "score",
+    "unit_rows",
 ]
 
 SCORING = ("cosine", "mahalanobis")
@@ -254,7 +255,8 @@ class Centroids:
                        reference_labels=[str(x) for x in data["reference_labels"]] if has_refs else None)
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 length (zero rows stay zero), in the input's dtype."""
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
@@ -279,7 +281,7 @@ def build_centroids(embeddings: np.ndarray, labels: Sequence[str], taxonomy_map:
     Vectorised per level: each reference belongs to at most one node per level, so a level's member sums
     are a sorted segment sum and each reference's distance to its node's centroid one row-wise product.
     """
-    vectors = _normalise(np.asarray(embeddings, dtype=np.float64))
+    vectors = unit_rows(np.asarray(embeddings, dtype=np.float64))
     labels = list(labels)
     dim = vectors.shape[1] if vectors.ndim == 2 else 0
     unique = sorted(set(labels))
@@ -311,7 +313,7 @@ def build_centroids(embeddings: np.ndarray, labels: Sequence[str], taxonomy_map:
     keep_ids = np.array(sorted((k for k in range(len(names)) if counts_all[k] >= config.n_min),
                                key=lambda k: names[k]), dtype=np.int64)
     keep = [names[k] for k in keep_ids]
-    cents = _normalise(sums[keep_ids]) if keep_ids.size else np.zeros((0, dim))
+    cents = unit_rows(sums[keep_ids]) if keep_ids.size else np.zeros((0, dim))
     position = np.full(len(names) + 1, -1, dtype=np.int64)
     position[keep_ids] = np.arange(keep_ids.size)
     total = np.zeros(len(keep))
@@ -422,7 +424,7 @@ def score(embeddings: np.ndarray, labels: Sequence[str], det_conf: np.ndarray, c
     (label -> distance) overrides the adaptive ones. Vectorised: one distance matrix per original label,
     level and chunk of detections.
     """
-    x_all = _normalise(np.asarray(embeddings, dtype=np.float64))
+    x_all = unit_rows(np.asarray(embeddings, dtype=np.float64))
     labels = list(labels)
     det_conf = np.asarray(det_conf, dtype=np.float64)
     decisions: list[Optional[Decision]] = [None] * len(labels)
