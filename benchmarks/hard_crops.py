@@ -54,10 +54,10 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 import machine  # noqa: E402
-from trapedge.runtime.bursts import group_events  # noqa: E402
-from trapedge.runtime.classifier import crop_box  # noqa: E402
+from trapedge.runtime.card.bursts import group_events  # noqa: E402
+from trapedge.runtime.speciesnet.classifier import crop_box  # noqa: E402
 from trapedge.runtime.demo import SAMPLE_DATA  # noqa: E402  (the packaged sample photos)
-from trapedge.runtime.ensemble import Classification, load_taxonomy  # noqa: E402
+from trapedge.runtime.speciesnet.ensemble import Classification, load_taxonomy  # noqa: E402
 from trapedge.runtime.reclassify import (  # noqa: E402
     DegradedTable, EmbeddingTable, EvidenceTable, PassTwoInputs, StageConfig, pass_two,
 )

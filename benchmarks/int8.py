@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 
 import machine  # noqa: E402
 from trapedge.export import quantize as Q  # noqa: E402
-from trapedge.runtime.bundle import MANIFEST, Bundle  # noqa: E402
+from trapedge.runtime.models.bundle import MANIFEST, Bundle  # noqa: E402
 from trapedge.runtime.demo import SAMPLE_DATA  # noqa: E402
 
 CLASSIFIER_KEYS = ("count", "top1_agreement", "top5_agreement", "feature_cosine", "min_feature_cosine",

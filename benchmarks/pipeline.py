@@ -27,8 +27,8 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 from trapedge.runtime.bench import peak_rss_mib
-from trapedge.runtime.bundle import Bundle
-from trapedge.runtime.ingest import scan
+from trapedge.runtime.models.bundle import Bundle
+from trapedge.runtime.card.ingest import scan
 from trapedge.runtime.pipeline import RunOptions, Runner
 bundle, dump, workers, chunk, limit = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 runner = Runner(Bundle.load(Path(bundle)), RunOptions(device="cpu", decode_workers=workers, chunk=chunk, threads=1))

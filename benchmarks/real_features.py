@@ -103,7 +103,7 @@ def _card(photos, labels, views, vectors, known, embed, rng: np.random.Generator
     The degraded views are what pass 1 renders: up to `degraded_per_label` references per label,
     `degraded_views` views each plus one background patch, embedded by the same Lite0 embedder.
     """
-    from trapedge.runtime.ensemble import Classification
+    from trapedge.runtime.speciesnet.ensemble import Classification
     from trapedge.runtime.reclassify import DegradedTable, EmbeddingTable, EvidenceTable, PassTwoInputs, StageConfig
     from trapedge.runtime.reclassify.degrade import ReferenceSampler, crop_quality, render_views
 
@@ -205,7 +205,7 @@ BEFORE = {
 
 
 def main() -> None:
-    from trapedge.runtime.ensemble import Classification
+    from trapedge.runtime.speciesnet.ensemble import Classification
     from trapedge.runtime.reclassify import StageConfig, pass_two
 
     rng = np.random.default_rng(0)

@@ -29,9 +29,9 @@ import machine  # noqa: E402
 
 
 def _fill(dump: Path, out: Path, bundle: Path, count: int) -> None:
-    from trapedge.runtime.bundle import Bundle, sha256_file
-    from trapedge.runtime.ingest import scan
-    from trapedge.runtime.store import STORE_NAME, Store
+    from trapedge.runtime.models.bundle import Bundle, sha256_file
+    from trapedge.runtime.card.ingest import scan
+    from trapedge.runtime.outputs.store import STORE_NAME, Store
 
     labels = Bundle.load(bundle).labels
     rng = np.random.default_rng(0)

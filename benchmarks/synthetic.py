@@ -40,8 +40,8 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 import machine  # noqa: E402
-from trapedge.runtime.ensemble import Classification, Ensemble  # noqa: E402
-from trapedge.runtime.ensemble.taxonomy import get_full_class_string, split_label  # noqa: E402
+from trapedge.runtime.speciesnet.ensemble import Classification, Ensemble  # noqa: E402
+from trapedge.runtime.speciesnet.ensemble.taxonomy import get_full_class_string, split_label  # noqa: E402
 from trapedge.runtime.reclassify import (  # noqa: E402
     DegradedTable,
     EmbeddingTable,

@@ -64,8 +64,8 @@ def main() -> None:
     sn_seconds = time.perf_counter() - t
     del model
 
-    from trapedge.runtime.bundle import Bundle
-    from trapedge.runtime.ingest import scan
+    from trapedge.runtime.models.bundle import Bundle
+    from trapedge.runtime.card.ingest import scan
     from trapedge.runtime.pipeline import RunOptions, Runner
 
     runner = Runner(Bundle.load(bundle_dir), RunOptions(device="cpu"))

@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from trapedge.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
-from trapedge.runtime.ingest import IMAGE_EXTENSIONS
+from trapedge.runtime.models.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
+from trapedge.runtime.card.ingest import IMAGE_EXTENSIONS
 
 from .onnxio import export_onnx
 from .parity import compare_outputs, ort_session

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trapedge.runtime.classifier import crop_region
-from trapedge.runtime.bundle import MANIFEST, Bundle, sha256_file
-from trapedge.runtime.ensemble.taxonomy import load_taxonomy, split_label
-from trapedge.runtime.ingest import ImageRecord, decode
+from trapedge.runtime.speciesnet.classifier import crop_region
+from trapedge.runtime.models.bundle import MANIFEST, Bundle, sha256_file
+from trapedge.runtime.speciesnet.ensemble.taxonomy import load_taxonomy, split_label
+from trapedge.runtime.card.ingest import ImageRecord, decode
 from trapedge.runtime.reclassify.stages import StageConfig, build_centroids
 
 from .onnxio import export_onnx

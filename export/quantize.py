@@ -23,12 +23,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from trapedge.runtime import classifier as cls_ops
-from trapedge.runtime import detector as det_ops
-from trapedge.runtime.bundle import MANIFEST, Bundle, sha256_file
+from trapedge.runtime.speciesnet import classifier as cls_ops
+from trapedge.runtime.speciesnet import detector as det_ops
+from trapedge.runtime.models.bundle import MANIFEST, Bundle, sha256_file
 from trapedge.runtime.demo import SAMPLE_DATA
-from trapedge.runtime.ensemble.vocabulary import DEFAULT_DETECTION_THRESHOLD_FOR_CLASSIFICATION
-from trapedge.runtime.ingest import ImageRecord, decode, scan
+from trapedge.runtime.speciesnet.ensemble.vocabulary import DEFAULT_DETECTION_THRESHOLD_FOR_CLASSIFICATION
+from trapedge.runtime.card.ingest import ImageRecord, decode, scan
 
 __all__ = [
     "ACTIVATIONS",

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from trapedge.runtime import __version__
-from trapedge.runtime import detector as det_ops
-from trapedge.runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
-from trapedge.runtime.classifier import CROP_SIZE
-from trapedge.runtime.ingest import IMAGE_EXTENSIONS
+from trapedge.runtime.speciesnet import detector as det_ops
+from trapedge.runtime.models.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
+from trapedge.runtime.speciesnet.classifier import CROP_SIZE
+from trapedge.runtime.card.ingest import IMAGE_EXTENSIONS
 
 from .onnxio import export_onnx
 from .parity import compare_outputs, ort_session, topk_agreement, torch_outputs
@@ -97,7 +97,7 @@ def _parity_photos(folder: Optional[Path], limit: int = 4) -> list[np.ndarray]:
 
 
 def _classifier_inputs(photos: list[np.ndarray], count: int = 4) -> np.ndarray:
-    from trapedge.runtime.classifier import preprocess_crop, to_network_input
+    from trapedge.runtime.speciesnet.classifier import preprocess_crop, to_network_input
 
     rng = np.random.default_rng(PARITY_SEED)
     crops = [preprocess_crop(p, [0.2, 0.2, 0.5, 0.5]) for p in photos]

@@ -16,18 +16,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .backends import DEVICES, BackendError
-from .bundle import Bundle, BundleError
-from .formats import (
+from .models.backends import DEVICES, BackendError
+from .models.bundle import Bundle, BundleError
+from .outputs.formats import (
     Deployment, ImageInfo, write_camtrap_dp, write_flat_csv, write_images_csv, write_megadetector_json,
     write_predictions_json,
 )
-from .ingest import scan
+from .card.ingest import scan
 from .bench import StageTimer
-from .bundle import sha256_file
-from .bursts import DEFAULT_GAP_S, group_events
+from .models.bundle import sha256_file
+from .card.bursts import DEFAULT_GAP_S, group_events
 from .pipeline import MAX_SIDES, RunOptions, Runner, tables_from_results
-from .store import STORE_NAME, Store
+from .outputs.store import STORE_NAME, Store
 from .reclassify import EmbeddingTable
 from .reclassify.runner import CENTROID_SOURCES, Reclassifier
 from .reclassify.stages import DECISIONS, SCORING, StageConfig
@@ -477,7 +477,7 @@ def evaluate_cmd(
     truth: Path = typer.Option(..., exists=True, dir_okay=False, help="CSV: filepath, detection, label."),
 ) -> None:
     """Score a run's re-classifications against ground truth (the paper's metrics); writes JSON and Markdown."""
-    from .evaluate import evaluate, load_truth, write_report
+    from .reclassify.evaluate import evaluate, load_truth, write_report
 
     try:
         document = json.loads((outdir / "predictions.json").read_text(encoding="utf-8"))
@@ -511,7 +511,7 @@ def fit_cmd(
         loaded = Bundle.load(bundle)
         config = _stage_config(loaded, None)
         if references is not None:
-            from .embed import crop_embedder
+            from .reclassify.embed import crop_embedder
 
             refs = references_from_csv(references, crop_embedder(loaded))
         else:
@@ -564,7 +564,7 @@ def bench_cmd(
 ) -> None:
     """Run the real pipeline and report time per stage, throughput, peak memory, providers and the machine."""
     from .bench import machine, peak_rss_mib, report_markdown
-    from .formats import atomic_write_text
+    from .outputs.formats import atomic_write_text
 
     try:
         loaded = Bundle.load(bundle)
@@ -647,7 +647,7 @@ def engines_build_cmd(
     batch: Optional[int] = typer.Option(None, min=1, help="Optimal batch for the profiles."),
 ) -> None:
     """Build fp16 engines on this GPU, cached beside the bundle, keyed by GPU, TensorRT and ONNX hash."""
-    from .engines import ensure_engine
+    from .models.engines import ensure_engine
 
     try:
         loaded = Bundle.load(bundle)
@@ -758,7 +758,7 @@ def bundle_update_cmd(
     taxonomy: Optional[Path] = typer.Option(None, help="New SpeciesNet taxonomy release (7-field lines)."),
 ) -> None:
     """Validate and install a new geofence and/or taxonomy; the previous data is kept for rollback."""
-    from .bundle_update import apply_update
+    from .models.bundle_update import apply_update
 
     try:
         version = apply_update(bundle, geofence=geofence, taxonomy=taxonomy)
@@ -770,7 +770,7 @@ def bundle_update_cmd(
 @bundle_app.command("rollback")
 def bundle_rollback_cmd(bundle: Path = typer.Argument(..., help="Artifact bundle folder.")) -> None:
     """Restore the previous geofence and taxonomy (and manifest) from the bundle's .history."""
-    from .bundle_update import rollback
+    from .models.bundle_update import rollback
 
     try:
         version = rollback(bundle)

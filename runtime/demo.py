@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .bundle import MANIFEST, SCHEMA_VERSION, sha256_file
-from .ensemble import Classification
+from .models.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
+from .speciesnet.ensemble import Classification
 
 __all__ = ["SAMPLE_DATA", "build_demo_bundle", "sample_photos"]
 

@@ -12,12 +12,12 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from . import classifier as cls_ops
-from . import detector as det_ops
-from .backends import OnnxBackend
+from .speciesnet import classifier as cls_ops
+from .speciesnet import detector as det_ops
+from .models.backends import OnnxBackend
 from .bench import StageTimer
-from .bundle import Bundle, BundleError
-from .ensemble import (
+from .models.bundle import Bundle, BundleError
+from .speciesnet.ensemble import (
     DEFAULT_DETECTION_THRESHOLD_FOR_CLASSIFICATION,
     DEFAULT_MAX_CLASSIFICATIONS_PER_DETECTION,
     NUM_CLASSIFICATIONS_FOR_ENSEMBLE,
@@ -25,10 +25,10 @@ from .ensemble import (
     Ensemble,
     Failure,
 )
-from .embed import Embedder
+from .reclassify.embed import Embedder
 from .faults import checkpoint
-from .ingest import DecodedImage, ImageRecord, decode
-from .quantized import check_agreement, check_tensorrt
+from .card.ingest import DecodedImage, ImageRecord, decode
+from .models.quantized import check_agreement, check_tensorrt
 from .reclassify.degrade import EmbeddedView, ReferenceSampler, background_patch, crop_quality, render_views
 from .reclassify.stages import StageConfig, accept, label_depth, needs_embedding
 
@@ -132,7 +132,7 @@ class Runner:
             else:
                 logger.warning("%s: no %s model in the bundle; running fp32", name, self.options.precision)
         if self.options.engine == "tensorrt-native":
-            from .engines import TensorRTBackend
+            from .models.engines import TensorRTBackend
 
             return TensorRTBackend.from_bundle(self.bundle, chosen, fp16=self.options.precision == "fp16",
                                                batch=batch, log=logger.info)

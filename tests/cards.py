@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trapedge.runtime.ensemble import Classification
+from trapedge.runtime.speciesnet.ensemble import Classification
 from trapedge.runtime.reclassify import DegradedTable, EmbeddingTable, EvidenceTable, PassTwoInputs
 
 DIM = 32

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from test_end_to_end import run_cli
-from trapedge.runtime.bundle import Bundle
-from trapedge.runtime.ingest import scan
+from trapedge.runtime.models.bundle import Bundle
+from trapedge.runtime.card.ingest import scan
 from trapedge.runtime.pipeline import RunOptions, Runner
 
 STAGE_KEYS = {"count", "mean_ms", "p50_ms", "p95_ms", "total_ms"}

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from test_end_to_end import lean_env, run_cli
-from trapedge.runtime import bundle_update
-from trapedge.runtime.bundle import Bundle, sha256_file
-from trapedge.runtime.bundle_update import HISTORY, KEEP_HISTORY, BundleUpdateError, apply_update, rollback
-from trapedge.runtime.ensemble import Ensemble, load_geofence, should_geofence_animal_classification
+from trapedge.runtime.models import bundle_update
+from trapedge.runtime.models.bundle import Bundle, sha256_file
+from trapedge.runtime.models.bundle_update import HISTORY, KEEP_HISTORY, BundleUpdateError, apply_update, rollback
+from trapedge.runtime.speciesnet.ensemble import Ensemble, load_geofence, should_geofence_animal_classification
 
 from test_stages import BLANK, CANID, CANIS, CARN, FELID, JACKAL, LEOPARD, LION, MAMMAL, PANTHERA  # noqa: E402
 TIGER = "s5;mammalia;carnivora;felidae;panthera;tigris;tiger"

@@ -8,8 +8,8 @@ import numpy as np
 
 import test_stages as ts
 from test_reclassify import make_bundle, scenario
-from trapedge.runtime.bundle import Bundle
-from trapedge.runtime.bursts import dominant_labels, group_events, pool_by_event
+from trapedge.runtime.models.bundle import Bundle
+from trapedge.runtime.card.bursts import dominant_labels, group_events, pool_by_event
 from trapedge.runtime.reclassify.runner import Reclassifier
 from trapedge.runtime.reclassify.stages import StageConfig, is_descendant
 
@@ -33,7 +33,7 @@ def test_events_split_on_gap_per_camera_and_break_ties_by_name() -> None:
 
 
 def test_real_photo_times_make_one_burst(photos) -> None:
-    from trapedge.runtime.ingest import decode, scan
+    from trapedge.runtime.card.ingest import decode, scan
 
     images = [{"key": r.key, "captured": decode(r).captured} for r in scan(photos[0].parent)]
     assert len(set(group_events(images, gap_s=5).values())) == 1  # ten shots over six seconds

@@ -14,8 +14,8 @@ import pytest
 import test_stages as ts
 from cards import ANIMAL, make_card, hierarchically_right
 from test_reclassify import make_bundle, scenario
-from trapedge.runtime.bundle import Bundle
-from trapedge.runtime.formats import ImageInfo, write_camtrap_dp, write_flat_csv, write_megadetector_json, Deployment
+from trapedge.runtime.models.bundle import Bundle
+from trapedge.runtime.outputs.formats import ImageInfo, write_camtrap_dp, write_flat_csv, write_megadetector_json, Deployment
 from trapedge.runtime.reclassify import PassTwoInputs, StageConfig, pass_two
 from trapedge.runtime.reclassify.calibrate import (
     _log_binom_tail, acceptance_threshold, clopper_pearson_lower, fit_logistic, grouped_folds,
@@ -204,7 +204,7 @@ def test_pass_one_stores_degraded_reference_views_and_pass_two_calibrates_on_the
                                                                                    tmp_path: Path) -> None:
     from test_end_to_end import run_cli
     from trapedge.runtime.reclassify.stages import accept
-    from trapedge.runtime.store import STORE_NAME, Store
+    from trapedge.runtime.outputs.store import STORE_NAME, Store
 
     stages = tmp_path / "stages.json"
     stages.write_text(json.dumps({"degraded_per_label": 2, "degraded_views": 2, "tau_accept": 0.3}))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trapedge.runtime import classifier as cls_ops
+from trapedge.runtime.speciesnet import classifier as cls_ops
 
 torch = pytest.importorskip("torch")
 sn_classifier = pytest.importorskip("speciesnet.classifier")

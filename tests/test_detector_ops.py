@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trapedge.runtime import detector as det_ops
+from trapedge.runtime.speciesnet import detector as det_ops
 
 torch = pytest.importorskip("torch")
 sn_detector = pytest.importorskip("speciesnet.detector")

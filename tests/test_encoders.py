@@ -22,7 +22,7 @@ from trapedge.export.encoders import (  # noqa: E402
     export_torch_encoder,
 )
 from trapedge.export.onnxio import MAX_IR_VERSION  # noqa: E402
-from trapedge.runtime.bundle import Bundle, sha256_file  # noqa: E402
+from trapedge.runtime.models.bundle import Bundle, sha256_file  # noqa: E402
 
 TINY = "trapedge-tiny-clip"
 TINY_CONFIG = {

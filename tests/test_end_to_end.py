@@ -142,8 +142,8 @@ def _crops_identical(path: str, bbox: list[float], size: tuple[int, int]) -> boo
     from speciesnet.classifier import SpeciesNetClassifier
     from speciesnet.utils import BBox, load_rgb_image
 
-    from trapedge.runtime.classifier import preprocess_crop
-    from trapedge.runtime.detector import normalised_bbox
+    from trapedge.runtime.speciesnet.classifier import preprocess_crop
+    from trapedge.runtime.speciesnet.detector import normalised_bbox
 
     exact = normalised_bbox(*_pixels(bbox, size), *size)
     img = load_rgb_image(path)

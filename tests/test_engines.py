@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from trapedge.runtime import detector as det_ops
-from trapedge.runtime import engines
-from trapedge.runtime.backends import BackendError
-from trapedge.runtime.bundle import Bundle, ModelSpec
-from trapedge.runtime.engines import (
+from trapedge.runtime.speciesnet import detector as det_ops
+from trapedge.runtime.models import engines
+from trapedge.runtime.models.backends import BackendError
+from trapedge.runtime.models.bundle import Bundle, ModelSpec
+from trapedge.runtime.models.engines import (
     TensorRTBackend,
     build_engine,
     default_profiles,
@@ -51,7 +51,7 @@ CLASSIFIER = _spec("classifier", ["batch", 480, 480, 3], {"layout": "NHWC", "siz
 
 
 def test_engines_module_imports_neither_torch_nor_tensorrt():
-    code = ("import sys, trapedge.runtime.engines, trapedge.runtime.quantized; "
+    code = ("import sys, trapedge.runtime.models.engines, trapedge.runtime.models.quantized; "
             "print(sorted(m for m in ('torch', 'tensorrt', 'onnx', 'cupy') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

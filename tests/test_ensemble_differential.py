@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from trapedge.runtime import ensemble as port
-from trapedge.runtime.ensemble import geofence as port_geofence
+from trapedge.runtime.speciesnet import ensemble as port
+from trapedge.runtime.speciesnet.ensemble import geofence as port_geofence
 
 sn_combiner = pytest.importorskip("speciesnet.ensemble_prediction_combiner")
 sn_geofence = pytest.importorskip("speciesnet.geofence_utils")

@@ -27,8 +27,8 @@ from trapedge.export.fit import (  # noqa: E402
 )
 from trapedge.export.onnxio import MAX_IR_VERSION  # noqa: E402
 from trapedge.export.parity import ort_session  # noqa: E402
-from trapedge.runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256_file  # noqa: E402
-from trapedge.runtime.ensemble.taxonomy import get_ancestor_at_level, get_full_class_string  # noqa: E402
+from trapedge.runtime.models.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256_file  # noqa: E402
+from trapedge.runtime.speciesnet.ensemble.taxonomy import get_ancestor_at_level, get_full_class_string  # noqa: E402
 from trapedge.runtime.reclassify.stages import Centroids, StageConfig  # noqa: E402
 
 DIM = 64

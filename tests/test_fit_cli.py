@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from test_end_to_end import run_cli
-from trapedge.runtime.bundle import Bundle
+from trapedge.runtime.models.bundle import Bundle
 from trapedge.runtime.reclassify.stages import Centroids, label_depth
 
 pytest.importorskip("torch")

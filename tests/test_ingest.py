@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from badinput import make_bad_corpus
-from trapedge.runtime.ingest import decode, scan
+from trapedge.runtime.card.ingest import decode, scan
 
 
 def test_scan_keys_by_relative_path_and_skips_hidden(tmp_path: Path, photos) -> None:

@@ -34,12 +34,12 @@ from trapedge.export.quantize import (  # noqa: E402
     runtime_inputs,
     split_photos,
 )
-from trapedge.runtime import detector as det_ops  # noqa: E402
-from trapedge.runtime.bundle import Bundle, BundleError, sha256_file  # noqa: E402
-from trapedge.runtime.classifier import preprocess_crop, to_network_input  # noqa: E402
+from trapedge.runtime.speciesnet import detector as det_ops  # noqa: E402
+from trapedge.runtime.models.bundle import Bundle, BundleError, sha256_file  # noqa: E402
+from trapedge.runtime.speciesnet.classifier import preprocess_crop, to_network_input  # noqa: E402
 from trapedge.runtime.demo import SAMPLE_DATA  # noqa: E402
-from trapedge.runtime.ingest import decode  # noqa: E402
-from trapedge.runtime.quantized import check_agreement, check_tensorrt, floors, is_quantized  # noqa: E402
+from trapedge.runtime.card.ingest import decode  # noqa: E402
+from trapedge.runtime.models.quantized import check_agreement, check_tensorrt, floors, is_quantized  # noqa: E402
 
 NUM_CLASSES = 12
 CROP = 480

@@ -13,9 +13,9 @@ import pytest
 
 import test_stages as ts
 from test_end_to_end import run_cli
-from trapedge.runtime.bundle import Bundle, sha256_file
-from trapedge.runtime.evaluate import evaluate
-from trapedge.runtime.store import STORE_NAME, Store
+from trapedge.runtime.models.bundle import Bundle, sha256_file
+from trapedge.runtime.reclassify.evaluate import evaluate
+from trapedge.runtime.outputs.store import STORE_NAME, Store
 from trapedge.runtime.reclassify import EmbeddingTable
 from trapedge.runtime.reclassify.runner import Reclassifier
 from trapedge.runtime.reclassify.stages import StageConfig

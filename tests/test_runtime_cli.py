@@ -16,7 +16,7 @@ from badinput import make_bad_corpus
 from test_end_to_end import lean_env, run_cli
 
 RUNTIME_MODULES = ["trapedge.runtime", "trapedge.runtime.cli", "trapedge.runtime.pipeline",
-                   "trapedge.runtime.ensemble", "trapedge.runtime.formats", "trapedge.runtime.bench"]
+                   "trapedge.runtime.speciesnet.ensemble", "trapedge.runtime.outputs.formats", "trapedge.runtime.bench"]
 
 
 def test_runtime_imports_without_heavy_packages() -> None:
@@ -119,7 +119,7 @@ def test_bundle_with_wrong_hash_is_refused(bundle_copy: Path, tmp_path: Path, ph
 
 
 def test_bundle_with_wrong_label_count_is_refused(bundle_copy: Path, tmp_path: Path, photos) -> None:
-    from trapedge.runtime.bundle import sha256_file
+    from trapedge.runtime.models.bundle import sha256_file
 
     labels = bundle_copy / "labels.txt"
     labels.write_text(labels.read_text() + "00000000-0000-0000-0000-000000000000;aves;;;;;extra bird\n")
@@ -130,7 +130,7 @@ def test_bundle_with_wrong_label_count_is_refused(bundle_copy: Path, tmp_path: P
 
 
 def test_bundle_whose_model_disagrees_with_manifest_is_refused(bundle_copy: Path, tmp_path: Path, photos) -> None:
-    from trapedge.runtime.bundle import sha256_file
+    from trapedge.runtime.models.bundle import sha256_file
 
     labels = bundle_copy / "labels.txt"
     lines = labels.read_text().splitlines()

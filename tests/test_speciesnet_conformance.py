@@ -13,10 +13,10 @@ import pytest
 
 LEAN = Path(__file__).parent / "lean"
 IMPORTS = {
-    "speciesnet.constants": "trapedge.runtime.ensemble.vocabulary",
-    "speciesnet.taxonomy_utils": "trapedge.runtime.ensemble.taxonomy",
-    "speciesnet.geofence_utils": "trapedge.runtime.ensemble.geofence",
-    "speciesnet.ensemble_prediction_combiner": "trapedge.runtime.ensemble.combiner",
+    "speciesnet.constants": "trapedge.runtime.speciesnet.ensemble.vocabulary",
+    "speciesnet.taxonomy_utils": "trapedge.runtime.speciesnet.ensemble.taxonomy",
+    "speciesnet.geofence_utils": "trapedge.runtime.speciesnet.ensemble.geofence",
+    "speciesnet.ensemble_prediction_combiner": "trapedge.runtime.speciesnet.ensemble.combiner",
 }
 EXPECTED = {"taxonomy_utils_test.py": 2, "geofence_utils_test.py": 4, "ensemble_prediction_combiner_test.py": 11}
 

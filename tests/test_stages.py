@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trapedge.runtime.ensemble import Classification
+from trapedge.runtime.speciesnet.ensemble import Classification
 from trapedge.runtime.reclassify.stages import (
     StageConfig, accept, aves_mass, bird_probability, birds, build_centroids, is_descendant, label_depth, score,
 )

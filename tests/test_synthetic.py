@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 from synthetic import (  # noqa: E402
     METHODS, PRESETS, Dump, Run, crop_side, evaluate, generate, run_pass_two, to_inputs,
 )
-from trapedge.runtime.ensemble import Classification, load_taxonomy  # noqa: E402
+from trapedge.runtime.speciesnet.ensemble import Classification, load_taxonomy  # noqa: E402
 from trapedge.runtime.reclassify import PassTwoInputs, StageConfig  # noqa: E402
 from trapedge.runtime.reclassify.stages import is_descendant, label_depth  # noqa: E402
 

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..ensemble import Classification
+from ..speciesnet.ensemble import Classification
 from .calibrate import acceptance_threshold, fit_logistic, grouped_folds
 from .evidence import DEPTH_LEVEL, FEATURES, CardModel, Queries, QueryEvidence, Vocabulary
 from .stages import Centroids, StageConfig, label_depth

@@ -14,8 +14,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..ensemble import Classification
-from ..ensemble.taxonomy import get_ancestor_at_level
+from ..speciesnet.ensemble import Classification
+from ..speciesnet.ensemble.taxonomy import get_ancestor_at_level
 from .stages import Centroids, StageConfig, _lineage, label_depth, unit_rows
 
 __all__ = ["FEATURES", "CardModel", "Queries", "QueryEvidence", "Vocabulary"]

@@ -22,8 +22,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..bursts import dominant_labels, pool_by_event
-from ..ensemble import Classification
+from ..card.bursts import dominant_labels, pool_by_event
+from ..speciesnet.ensemble import Classification
 from .calibrated import decide
 from .evidence import Queries
 from .stages import (

@@ -7,8 +7,8 @@ from typing import Optional
 import numpy as np
 
 from ..bench import StageTimer
-from ..bundle import Bundle
-from ..ensemble import load_geofence, load_taxonomy, should_geofence_animal_classification
+from ..models.bundle import Bundle
+from ..speciesnet.ensemble import load_geofence, load_taxonomy, should_geofence_animal_classification
 from .passtwo import DegradedTable, EmbeddingTable, EvidenceTable, PassTwoInputs, PassTwoResult, pass_two
 from .stages import Centroids, StageConfig
 
@@ -31,7 +31,7 @@ class Reclassifier:
         if event_pooling and config.decision not in ("adaptive", "nearest"):
             raise ValueError("--event-pooling scores an event's crops together for --decision adaptive or nearest; "
                              f"it does not apply to --decision {config.decision}")
-        from ..embed import head_backend, load_prompts
+        from .embed import head_backend, load_prompts
 
         self.bundle = bundle
         self.config = config
@@ -57,7 +57,7 @@ class Reclassifier:
     def run(self, predictions: list[dict], table: EmbeddingTable, evidence: Optional[EvidenceTable] = None,
             degraded: Optional[DegradedTable] = None) -> dict[str, int]:
         """Adds `reclassification` to every detection a stage touched; returns counts per stage."""
-        from ..embed import apply_head
+        from .embed import apply_head
 
         shipped = self._shipped()
         result = pass_two(

@@ -12,8 +12,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..ensemble import Classification
-from ..ensemble.taxonomy import LEVELS, get_ancestor_at_level, split_label
+from ..speciesnet.ensemble import Classification
+from ..speciesnet.ensemble.taxonomy import LEVELS, get_ancestor_at_level, split_label
 
 __all__ = [
     "Centroids",

@@ -8,9 +8,9 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from .backends import OnnxBackend
-from .bundle import Bundle
-from .classifier import crop_region
+from ..models.backends import OnnxBackend
+from ..models.bundle import Bundle
+from ..speciesnet.classifier import crop_region
 
 __all__ = ["Embedder", "EncoderPreprocess", "apply_head", "embedding_section"]
 
@@ -86,7 +86,7 @@ class Embedder:
 
 def crop_embedder(bundle: Bundle, device: str = "cpu"):
     """A function embedding whole crops (HWC uint8) with the bundle's backbone, for `trapedge fit`."""
-    from .classifier import preprocess_crop, to_network_input
+    from ..speciesnet.classifier import preprocess_crop, to_network_input
 
     embedder = Embedder(bundle, device)
     if not embedder.uses_classifier:

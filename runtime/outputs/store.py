@@ -11,7 +11,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .faults import checkpoint
+from ..faults import checkpoint
 
 __all__ = ["STORE_NAME", "ScanDiff", "Store"]
 
@@ -157,7 +157,7 @@ class Store:
 
     def evidence(self, root: Path):
         """SpeciesNet's top-5 and crop quality of every stored detection that pass 2 reads."""
-        from .reclassify import EvidenceTable
+        from ..reclassify import EvidenceTable
 
         root = Path(root).resolve()
         rows = self.db.execute("SELECT key, detection, top, quality FROM evidence ORDER BY key, detection").fetchall()
@@ -168,7 +168,7 @@ class Store:
 
     def degraded(self, root: Path):
         """Every stored degraded reference view (pass 2 calibrates on them)."""
-        from .reclassify import DegradedTable
+        from ..reclassify import DegradedTable
 
         root = Path(root).resolve()
         rows = self.db.execute("SELECT key, detection, label, kind, vector, top, quality FROM degraded"
@@ -182,7 +182,7 @@ class Store:
 
     def coarse_sides(self, limit: int) -> list[float]:
         """Box sides (pixels) of stored coarse candidates, in key order (pass 1 resumes rendering from them)."""
-        from .reclassify.stages import label_depth
+        from ..reclassify.stages import label_depth
 
         sides = {(k, d): float(np.frombuffer(q, dtype=np.float32)[0])
                  for k, d, q in self.db.execute("SELECT key, detection, quality FROM evidence")}

@@ -5,22 +5,20 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from . import __version__
-from .ensemble import FORMAT_VERSION, Classification
-from .ensemble.taxonomy import label_level
-from .faults import checkpoint
+from .. import __version__
+from ..speciesnet.ensemble import FORMAT_VERSION, Classification
+from ..speciesnet.ensemble.taxonomy import label_level
+from ..atomic import atomic_write_text
 
 if TYPE_CHECKING:
-    from .pipeline import ImageResult
+    from ..pipeline import ImageResult
 
 __all__ = [
     "CAMTRAP_DP_PROFILE",
@@ -93,35 +91,6 @@ _RANK_NAMES = ("class", "order", "family", "genus")
 _HUMAN_RANKS = ["mammalia", "primates", "hominidae", "homo"]
 _RELABELLING_STAGES = ("birds", "score", "calibrated", "smoothing")
 _BBOX_FLOOR = 10.0 ** -_DECIMALS
-
-
-def _umask() -> int:
-    """The process umask (read by setting and restoring it; there is no getter)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes a file so that a reader (or a power cut) sees the old file or the new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fp:
-            fp.write(text)
-            fp.flush()
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are for others to read
-            os.fsync(fp.fileno())
-        checkpoint("export")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def limit_float_precision(obj: Any, decimals: int = _DECIMALS) -> Any:

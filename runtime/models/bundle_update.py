@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .bundle import MANIFEST, Bundle, BundleError, sha256_file
-from .ensemble import load_geofence, load_taxonomy
-from .ensemble.taxonomy import get_full_class_string
-from .faults import checkpoint
-from .formats import atomic_write_text
+from ..speciesnet.ensemble import load_geofence, load_taxonomy
+from ..speciesnet.ensemble.taxonomy import get_full_class_string
+from ..faults import checkpoint
+from ..outputs.formats import atomic_write_text
 
 __all__ = [
     "DATA_FILES",

@@ -8,8 +8,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional
 
-from .formats import atomic_write_text
-from .reclassify.stages import label_depth
+from ..outputs.formats import atomic_write_text
+from .stages import label_depth
 
 __all__ = ["evaluate", "load_truth", "write_report"]
 
