@@ -1,10 +1,10 @@
 """Static int8 (QDQ) against fp32: calibration methods compared on the fixture models, then agreement and the
 classifier's per-crop latency on the real-size architectures (random weights, batch norm calibrated).
 
-Fixture models: tests/modelfolder.py's "tiny" SpeciesNet folder (YOLOv5s6 at width 0.25, a 5-conv classifier).
-Real size: its "real" folder (YOLOv5x6, EfficientNetV2-M with 2,498 labels), exported with `trapedge export
-speciesnet`. Calibration and held-out photos: the packaged sample photos, split as `trapedge quantize` splits
-them. Writes results/int8.json and results/int8.md.
+Fixture models: the "tiny" SpeciesNet folder of trapedge.export.random_models (YOLOv5s6 at width 0.25, a 5-conv
+classifier). Real size: its "real" folder (YOLOv5x6, EfficientNetV2-M with 2,498 labels), exported with `trapedge
+export speciesnet`. Calibration and held-out photos: the packaged sample photos, split as `trapedge quantize`
+splits them. Writes results/int8.json and results/int8.md.
 
     python benchmarks/int8.py [--work DIR] [--skip-real] [--repeats N]
 """
@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 import machine  # noqa: E402
@@ -37,7 +36,7 @@ DETECTOR_KEYS = ("count", "boxes", "found", "boxes_found", "quantized_boxes", "m
 
 
 def _bundle(work: Path, size: str) -> Path:
-    from modelfolder import build_speciesnet_folder
+    from trapedge.export.random_models import build_speciesnet_folder
     from trapedge.export.speciesnet import export_speciesnet
 
     folder, bundle = work / f"speciesnet-{size}", work / f"bundle-{size}"

@@ -1,7 +1,7 @@
 """SpeciesNet's own pipeline vs `trapedge run` (ONNX Runtime CPU) on the same photos and real-size models.
 
 Real-size architectures with random weights (YOLOv5x6 MegaDetector, EfficientNetV2-M with 2,498 labels),
-built in SpeciesNet's on-disk formats by tests/modelfolder.py and exported with `trapedge export speciesnet`.
+built in SpeciesNet's on-disk formats by trapedge.export.random_models and exported with `trapedge export speciesnet`.
 Writes results/throughput.json and results/throughput.md.
 
     python benchmarks/throughput.py [--images N] [--work DIR]
@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 import machine  # noqa: E402
@@ -29,7 +28,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/trapedge-bench"))
     args = parser.parse_args()
 
-    from modelfolder import build_speciesnet_folder
+    from trapedge.export.random_models import build_speciesnet_folder
     from trapedge.export.speciesnet import export_speciesnet
 
     photos = sorted(MEDIA.glob("*.JPG"))

@@ -27,7 +27,7 @@ from trapedge.runtime.speciesnet.classifier import crop_region
 from trapedge.runtime.models.bundle import MANIFEST, Bundle, sha256_file
 from trapedge.runtime.speciesnet.ensemble.taxonomy import load_taxonomy, split_label
 from trapedge.runtime.card.ingest import ImageRecord, decode
-from trapedge.runtime.reclassify.stages import StageConfig, build_centroids
+from trapedge.runtime.reclassify.stages import StageConfig, build_centroids, unit_rows
 
 from .onnxio import export_onnx
 from .parity import compare_outputs, ort_session, torch_outputs
@@ -240,8 +240,7 @@ def project(module: torch.nn.Module, embeddings: np.ndarray, batch: int = 4096) 
 
 def _evaluate(vectors: np.ndarray, label_ids: np.ndarray, margin: float) -> tuple[float, float]:
     """Batch-hard triplet loss over the whole set and leave-one-out recall@1 (cosine), anchors with a positive."""
-    v = vectors.astype(np.float64)
-    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    v = unit_rows(vectors.astype(np.float64))
     losses, hits, total = 0.0, 0, 0
     for start in range(0, len(v), _EVAL_CHUNK):
         rows = np.arange(start, min(start + _EVAL_CHUNK, len(v)))

@@ -19,6 +19,7 @@ from trapedge.runtime.models.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
 from trapedge.runtime.speciesnet.classifier import CROP_SIZE
 from trapedge.runtime.card.ingest import IMAGE_EXTENSIONS
 
+from .megadetectors import megadetector
 from .onnxio import export_onnx
 from .parity import compare_outputs, ort_session, topk_agreement, torch_outputs
 
@@ -152,12 +153,11 @@ def export_classifier(classifier: torch.nn.Module, labels: list[str], out: Path,
 
 
 def export_detector(model: torch.nn.Module, out: Path, opset: int, photos: list[np.ndarray],
-                    log: Callable) -> dict:
+                    log: Callable, config: det_ops.DetectorConfig = det_ops.DetectorConfig()) -> dict:
     """Writes detector.onnx (dynamic batch, height and width) and returns its manifest entry."""
-    config = det_ops.DetectorConfig()
     wrapped = DetectorForExport(_prepare_detector(model)).eval()
     path = out / "detector.onnx"
-    example = torch.rand(2, 3, 768, 1280)
+    example = torch.rand(2, 3, config.image_size * 3 // 5 // config.stride * config.stride, config.image_size)
 
     # The TorchScript exporter, as YOLOv5's own export uses: the dynamo exporter emits opset 18 and the
     # ONNX version converter has no opset 18 -> 17 adapter for the Split these graphs contain.
@@ -216,6 +216,10 @@ def export_speciesnet(
     classifier_entry = export_classifier(classifier.model, list(classifier.labels), out, opset, photos, log)
     log("exporting MegaDetector")
     detector_entry = export_detector(detector.model, out, opset, photos, log)
+    checkpoint = Path(info.detector).name
+    detector_entry["megadetector"] = {**megadetector("mdv5a").manifest(), "checkpoint": {"file": checkpoint}}
+    if checkpoint.startswith("md_v5a.") and checkpoint.endswith(".pt"):
+        detector_entry["megadetector"]["version"] = checkpoint[3:-3]
 
     files = {}
     for name, src, dest in (("labels", info.classifier_labels, "labels.txt"),

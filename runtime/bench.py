@@ -1,48 +1,9 @@
-"""Per-stage timers, cheap enough to stay on in every run."""
+"""The benchmark report: the machine, peak memory, achieved GFLOP/s per model, and time per stage as Markdown."""
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-from typing import Iterator
-
-import numpy as np
-
-__all__ = ["StageTimer"]
-
-
-class StageTimer:
-    """Collects wall-clock durations per named stage."""
-
-    def __init__(self) -> None:
-        self.samples: dict[str, list[float]] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Times the enclosed block under a stage name."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - start)
-
-    def add(self, name: str, seconds: float) -> None:
-        """Records one duration."""
-        self.samples.setdefault(name, []).append(seconds)
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """Count, mean, p50, p95 and total in milliseconds per stage."""
-        out = {}
-        for name, values in self.samples.items():
-            ms = np.asarray(values) * 1000.0
-            out[name] = {
-                "count": int(ms.size),
-                "mean_ms": float(ms.mean()),
-                "p50_ms": float(np.percentile(ms, 50)),
-                "p95_ms": float(np.percentile(ms, 95)),
-                "total_ms": float(ms.sum()),
-            }
-        return out
+from pathlib import Path
+from typing import Optional
 
 
 def machine() -> dict:
@@ -50,6 +11,8 @@ def machine() -> dict:
     import os
     import platform
     from pathlib import Path
+
+    from .models.gpu import gpu_info
 
     info: dict = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                   "python": platform.python_version(), "platform": platform.platform()}
@@ -63,23 +26,9 @@ def machine() -> dict:
                 info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
-    for path, key in (("/proc/device-tree/model", "board"), ("/etc/nv_tegra_release", "l4t")):
-        try:
-            info[key] = Path(path).read_text(errors="replace").strip("\x00\n ")
-        except OSError:
-            pass
-    try:
-        import subprocess
-
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        if gpu.returncode == 0:
-            info["gpu"] = gpu.stdout.strip()
-        mode = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=10)
-        if mode.returncode == 0:
-            info["jetson_power_mode"] = mode.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
+    gpu = gpu_info()
+    if gpu:
+        info["gpu"] = gpu
     return info
 
 
@@ -90,6 +39,41 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def sgemm_peak_gflops(size: int = 2048, repeats: int = 3) -> float:
+    """This CPU's float32 matrix-product rate through numpy's BLAS: the practical ceiling for convolutions."""
+    import time
+
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    a @ a  # warm-up: threads started, pages touched
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - started)
+    return 2.0 * size**3 / best / 1e9
+
+
+def model_rates(models: dict[str, dict], paths: dict[str, Path]) -> dict[str, dict]:
+    """Per model: calls, GFLOP done (counted from its ONNX graph at the shapes it was fed), seconds, GFLOP/s."""
+    from .models.flops import graph_flops
+
+    rates = {}
+    for name, meter in models.items():
+        flops: Optional[float] = 0.0
+        try:
+            for call in meter["calls"]:
+                flops += call["count"] * graph_flops(paths[name], {k: tuple(v) for k, v in call["inputs"].items()})
+        except (ImportError, KeyError, ValueError) as e:
+            flops, rates[name] = None, {"error": f"cannot count FLOPs: {e}"}
+        calls = sum(call["count"] for call in meter["calls"])
+        rates[name] = {**rates.get(name, {}), "calls": calls, "seconds": meter["seconds"],
+                       "gflop": flops / 1e9 if flops is not None else None,
+                       "gflops_per_s": flops / 1e9 / meter["seconds"] if flops and meter["seconds"] > 0 else None}
+    return rates
+
+
 def report_markdown(result: dict) -> str:
     """The benchmark result as a Markdown table with the machine described."""
     lines = [f"# trapedge bench: {result['images']} images, {result['images_per_s']:.3f} images/s end to end", "",
@@ -97,6 +81,17 @@ def report_markdown(result: dict) -> str:
     for stage, s in result["stages"].items():
         lines.append(f"| {stage} | {s['count']} | {s['mean_ms']:.1f} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} | "
                      f"{s['total_ms']:.0f} |")
+    rates = result.get("models") or {}
+    if rates:
+        peak = result.get("sgemm_peak_gflops")
+        lines += ["", "| model | calls | GFLOP | seconds | GFLOP/s | share of sgemm peak |", "|---|---|---|---|---|---|"]
+        for name, r in rates.items():
+            rate = r.get("gflops_per_s")
+            share = f"{100 * rate / peak:.0f}%" if rate and peak else "-"
+            lines.append(f"| {name} | {r['calls']} | {r['gflop'] or 0:.1f} | {r['seconds']:.2f} | "
+                         f"{rate or 0:.1f} | {share} |")
+        if peak:
+            lines.append(f"\nsgemm peak (numpy BLAS, float32 2048x2048): {peak:.0f} GFLOP/s.")
     lines += ["", f"Wall {result['wall_s']:.2f} s, timed stages cover {100 * result['timed_share']:.1f}% of it; "
               f"peak RSS {result['peak_rss_mib']:.0f} MiB; providers {result['providers']}.",
               f"Machine: {result['machine']}", ""]

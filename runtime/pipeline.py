@@ -14,8 +14,7 @@ import numpy as np
 
 from .speciesnet import classifier as cls_ops
 from .speciesnet import detector as det_ops
-from .models.backends import OnnxBackend
-from .bench import StageTimer
+from .timing import StageTimer
 from .models.bundle import Bundle, BundleError
 from .speciesnet.ensemble import (
     DEFAULT_DETECTION_THRESHOLD_FOR_CLASSIFICATION,
@@ -28,7 +27,8 @@ from .speciesnet.ensemble import (
 from .reclassify.embed import Embedder
 from .faults import checkpoint
 from .card.ingest import DecodedImage, ImageRecord, decode
-from .models.quantized import check_agreement, check_tensorrt
+from .models.metered import Metered
+from .models.select import open_model
 from .reclassify.degrade import EmbeddedView, ReferenceSampler, background_patch, crop_quality, render_views
 from .reclassify.stages import StageConfig, accept, label_depth, needs_embedding
 
@@ -56,7 +56,6 @@ class RunOptions:
     embed: bool = True
     precision: str = "fp32"
     agreement_floor: Optional[float] = None
-    engine: str = "onnx"
     draft: bool = False
     stages: StageConfig = StageConfig()
 
@@ -103,16 +102,17 @@ class Runner:
         self.ensemble = Ensemble.from_files(
             bundle.file("taxonomy"), bundle.file("geofence"), options.enable_geofence
         )
-        self.embedder = Embedder(bundle, options.device, options.threads) if options.embed else None
+        self.embedder = (Embedder(bundle, options.device, options.threads, precision=options.precision)
+                         if options.embed else None)
         self.sampler = ReferenceSampler(options.stages.degraded_per_label)
         self.coarse_sides: list[float] = []
-        self.detector_config = det_ops.DetectorConfig(
-            **{
-                k: v
-                for k, v in bundle.model("detector").preprocessing.items()
-                if k in det_ops.DetectorConfig.__dataclass_fields__
-            }
-        )
+        try:
+            self.detector_config = det_ops.DetectorConfig.from_manifest(bundle.model("detector").raw)
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"{bundle.root / 'manifest.json'}: models.detector: {e}") from e
+        config = self.detector_config
+        logger.info("detector %s: letterbox %d, stride %d, typical confidence threshold %s", config.model,
+                    config.image_size, config.stride, config.typical_threshold)
 
     def resume(self, degraded_counts: dict[str, int], coarse_sides: list[float]) -> None:
         """Continues an interrupted card: references already given degraded views, coarse box sides seen."""
@@ -120,24 +120,18 @@ class Runner:
         self.coarse_sides = list(coarse_sides)[:MAX_SIDES]
 
     def _backend(self, name: str, batch: int):
-        """The model to run: its quantised variant when asked for (refused below its agreement floor)."""
-        chosen = name
-        if self.options.precision != "fp32":
-            variant = f"{name}_{self.options.precision}"
-            if self.bundle.has_model(variant):
-                check_agreement(self.bundle.model(variant).raw, self.options.agreement_floor)
-                if self.options.engine == "tensorrt-native" or self.options.device == "tensorrt":
-                    check_tensorrt(self.bundle.model(variant).raw)
-                chosen = variant
-            else:
-                logger.warning("%s: no %s model in the bundle; running fp32", name, self.options.precision)
-        if self.options.engine == "tensorrt-native":
-            from .models.engines import TensorRTBackend
+        """The model on the asked device and precision (`models.select` rules; quantised variants refused below
+        their agreement floors)."""
+        return Metered(open_model(self.bundle, name, device=self.options.device, precision=self.options.precision,
+                                  threads=self.options.threads, batch=batch,
+                                  agreement_floor=self.options.agreement_floor, log=logger.info))
 
-            return TensorRTBackend.from_bundle(self.bundle, chosen, fp16=self.options.precision == "fp16",
-                                               batch=batch, log=logger.info)
-        return OnnxBackend(self.bundle.model(chosen).path, self.options.device, self.options.threads,
-                           self.bundle.root / ".engines")
+    def meters(self) -> dict[str, Metered]:
+        """Each model's calls (input shapes) and seconds so far, by bundle model name."""
+        found = {"detector": self.detector, "classifier": self.classifier}
+        if self.embedder is not None and self.embedder.backend is not None:
+            found[self.embedder.section["model"]] = self.embedder.backend
+        return found
 
     def open(self) -> dict[str, list[str]]:
         """Opens both sessions, checks the classifier against the labels, returns providers in use."""

@@ -86,3 +86,16 @@ def photos() -> list[Path]:
 
 
 from fixtures_models import bundle, bundle_copy, model_folder  # noqa: E402,F401  (shared fixtures)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_handlers():
+    """A run logs to OUT/trapedge.log; an in-process run's handler must not outlive its test."""
+    import logging
+
+    logger = logging.getLogger("trapedge")
+    before = list(logger.handlers)
+    yield
+    for handler in logger.handlers[len(before):]:
+        handler.close()
+    logger.handlers[:] = before

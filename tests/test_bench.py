@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from test_end_to_end import run_cli
@@ -87,3 +88,40 @@ def _iou(a: list[float], b: list[float]) -> float:
     h = max(0.0, min(ay2, by2) - max(a[1], b[1]))
     inter = w * h
     return inter / max(a[2] * a[3] + b[2] * b[3] - inter, 1e-12)
+
+
+def test_flops_are_counted_from_the_graph(tmp_path: Path) -> None:
+    """A conv, a matmul and a gemm with known multiply-adds; symbolic batch set from the shapes given."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trapedge.runtime.models.flops import graph_flops
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
+               (("w", (16, 3, 3, 3)), ("m", (16 * 8 * 8, 10)), ("g", (10, 4)))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Flatten", ["c"], ["f"]),
+             helper.make_node("MatMul", ["f", "m"], ["y"]),
+             helper.make_node("Gemm", ["y", "g"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 4])], weights)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    conv = 2 * (16 * 8 * 8) * (3 * 3 * 3)
+    matmul = 2 * 10 * (16 * 8 * 8)
+    gemm = 2 * 4 * 10
+    assert graph_flops(path, {"x": (1, 3, 16, 16)}) == conv + matmul + gemm
+    assert graph_flops(path, {"x": (5, 3, 16, 16)}) == 5 * (conv + matmul + gemm)
+
+
+def test_bench_reports_gflops_per_model(bundle: Path, photos, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    run_cli("bench", str(photos[0].parent), "--bundle", str(bundle), "--images", "3", "--device", "cpu",
+            "--out", str(out))
+    result = json.loads((out / "bench.json").read_text())
+    detector = result["models"]["detector"]
+    assert detector["calls"] == 3 and detector["gflop"] > 0 and 0 < detector["seconds"] < result["wall_s"]
+    assert detector["gflops_per_s"] == pytest.approx(detector["gflop"] / detector["seconds"])
+    assert result["sgemm_peak_gflops"] > 1
+    assert "share of sgemm peak" in (out / "bench.md").read_text()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures_models import data_bundle
 from test_end_to_end import lean_env, run_cli
 from trapedge.runtime.models import bundle_update
 from trapedge.runtime.models.bundle import Bundle, sha256_file
@@ -22,19 +23,6 @@ LABELS = [BLANK, LION, LEOPARD, JACKAL]
 TAXONOMY = [BLANK, MAMMAL, CARN, FELID, PANTHERA, LION, LEOPARD, CANID, CANIS, JACKAL]
 KEY = {label: ";".join(label.split(";")[1:6]) for label in TAXONOMY + [TIGER]}
 COUNTRY = "NAM"
-
-
-def make_bundle(root: Path) -> Path:
-    """A bundle with labels, taxonomy and an empty geofence (no models): enough for the data files."""
-    root.mkdir(parents=True)
-    (root / "labels.txt").write_text("\n".join(LABELS) + "\n", encoding="utf-8")
-    (root / "taxonomy.txt").write_text("\n".join(TAXONOMY) + "\n", encoding="utf-8")
-    (root / "geofence.json").write_text("{}\n", encoding="utf-8")
-    files = {name: {"file": f, "sha256": sha256_file(root / f)}
-             for name, f in (("labels", "labels.txt"), ("taxonomy", "taxonomy.txt"), ("geofence", "geofence.json"))}
-    manifest = {"schema_version": 1, "models": {}, "files": files}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return root
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -67,7 +55,7 @@ def decide_lion(root: Path) -> str:
 
 @pytest.fixture()
 def bundle_dir(tmp_path: Path) -> Path:
-    return make_bundle(tmp_path / "bundle")
+    return data_bundle(tmp_path / "bundle", LABELS, TAXONOMY)
 
 
 def test_update_changes_geofence_effect_and_verifies(bundle_dir: Path, tmp_path: Path) -> None:
@@ -233,7 +221,7 @@ def test_sigkill_during_update_leaves_a_loadable_bundle(bundle_dir: Path, tmp_pa
     original = live(bundle_dir)
     geofence = block_lion(tmp_path)
     # 1: after the history copy, 2: after the new files, 3: after the manifest, before the sweep
-    _killed_at(f"bundle-update:{nth}", "update", str(bundle_dir), "--geofence", str(geofence))
+    _killed_at(f"bundle-update:{nth}", "update", "--bundle", str(bundle_dir), "--geofence", str(geofence))
     loaded = Bundle.load(bundle_dir, verify_hashes=True)
     assert loaded.data_version == (1 if nth == 3 else 0)
     assert decide_lion(bundle_dir) == (FELID if nth == 3 else LION)
@@ -249,7 +237,7 @@ def test_sigkill_during_rollback_leaves_a_loadable_bundle(bundle_dir: Path, tmp_
     original = live(bundle_dir)
     apply_update(bundle_dir, geofence=block_lion(tmp_path))
     # 1: after the old files are back, 2: after the old manifest, before the sweep
-    _killed_at(f"bundle-rollback:{nth}", "rollback", str(bundle_dir))
+    _killed_at(f"bundle-rollback:{nth}", "rollback", "--bundle", str(bundle_dir))
     loaded = Bundle.load(bundle_dir, verify_hashes=True)
     assert loaded.data_version == (1 if nth == 1 else 0)
     assert decide_lion(bundle_dir) == (FELID if nth == 1 else LION)
@@ -264,22 +252,22 @@ def test_sigkill_during_rollback_leaves_a_loadable_bundle(bundle_dir: Path, tmp_
 
 
 def test_cli_update_and_rollback(bundle_dir: Path, tmp_path: Path) -> None:
-    ok = run_cli("bundle", "update", str(bundle_dir), "--geofence", str(block_lion(tmp_path)))
+    ok = run_cli("bundle", "update", "--bundle", str(bundle_dir), "--geofence", str(block_lion(tmp_path)))
     assert "data version 1" in ok.stderr
-    assert "rolled back to data version 0" in run_cli("bundle", "rollback", str(bundle_dir)).stderr
+    assert "rolled back to data version 0" in run_cli("bundle", "rollback", "--bundle", str(bundle_dir)).stderr
     before = snapshot(bundle_dir)
     unknown = write_json(tmp_path / "unknown.json", {KEY[TIGER]: {"allow": {"IND": []}}})
     bad_country = write_json(tmp_path / "country.json", {KEY[LION]: {"allow": {"in": []}}})
     short = tmp_path / "short.txt"
     short.write_text("\n".join(TAXONOMY[:-1]) + "\n", encoding="utf-8")
     cases = [
-        (["update", str(bundle_dir), "--geofence", str(unknown)], [str(unknown), KEY[TIGER]]),
-        (["update", str(bundle_dir), "--geofence", str(bad_country)], [str(bad_country), "'in'"]),
-        (["update", str(bundle_dir), "--taxonomy", str(short)], [str(short), "jackal"]),
-        (["update", str(bundle_dir), "--geofence", str(tmp_path / "absent.json")], ["absent.json"]),
-        (["update", str(bundle_dir)], ["--geofence"]),
-        (["update", str(tmp_path / "nobundle"), "--geofence", str(unknown)], ["nobundle"]),
-        (["rollback", str(bundle_dir)], [HISTORY, "no earlier data version"]),
+        (["update", "--bundle", str(bundle_dir), "--geofence", str(unknown)], [str(unknown), KEY[TIGER]]),
+        (["update", "--bundle", str(bundle_dir), "--geofence", str(bad_country)], [str(bad_country), "'in'"]),
+        (["update", "--bundle", str(bundle_dir), "--taxonomy", str(short)], [str(short), "jackal"]),
+        (["update", "--bundle", str(bundle_dir), "--geofence", str(tmp_path / "absent.json")], ["absent.json"]),
+        (["update", "--bundle", str(bundle_dir)], ["--geofence"]),
+        (["update", "--bundle", str(tmp_path / "nobundle"), "--geofence", str(unknown)], ["nobundle"]),
+        (["rollback", "--bundle", str(bundle_dir)], [HISTORY, "no earlier data version"]),
     ]
     for args, expected in cases:
         proc = run_cli("bundle", *args, check=False)
@@ -293,7 +281,7 @@ def test_cli_update_and_rollback(bundle_dir: Path, tmp_path: Path) -> None:
 
 
 def test_run_info_records_data_version(bundle_dir: Path, tmp_path: Path) -> None:
-    from trapedge.runtime.cli import _info
+    from trapedge.runtime.station import run_info as _info
 
     assert _info(Bundle.load(bundle_dir), None)["trapedge"]["bundle_data_version"] == 0
     apply_update(bundle_dir, geofence=block_lion(tmp_path))

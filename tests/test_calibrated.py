@@ -15,7 +15,7 @@ import test_stages as ts
 from cards import ANIMAL, make_card, hierarchically_right
 from test_reclassify import make_bundle, scenario
 from trapedge.runtime.models.bundle import Bundle
-from trapedge.runtime.outputs.formats import ImageInfo, write_camtrap_dp, write_flat_csv, write_megadetector_json, Deployment
+from trapedge.runtime.outputs import ImageInfo, write_camtrap_dp, write_flat_csv, write_megadetector_json, Deployment
 from trapedge.runtime.reclassify import PassTwoInputs, StageConfig, pass_two
 from trapedge.runtime.reclassify.calibrate import (
     _log_binom_tail, acceptance_threshold, clopper_pearson_lower, fit_logistic, grouped_folds,

@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 ort = pytest.importorskip("onnxruntime")
 
+from fixtures_models import check_edge_onnx, data_bundle  # noqa: E402
 from paths import MEDIA  # noqa: E402
 from trapedge.export import encoders  # noqa: E402
 from trapedge.export.encoders import (  # noqa: E402
@@ -21,7 +21,6 @@ from trapedge.export.encoders import (  # noqa: E402
     export_encoder,
     export_torch_encoder,
 )
-from trapedge.export.onnxio import MAX_IR_VERSION  # noqa: E402
 from trapedge.runtime.models.bundle import Bundle, sha256_file  # noqa: E402
 
 TINY = "trapedge-tiny-clip"
@@ -37,18 +36,7 @@ LABEL = "00000000-0000-0000-0000-000000000000;mammalia;;;;;mammal"
 
 def _bundle(root: Path) -> Path:
     """A bundle with only the data files Bundle.load requires, so additions can be validated."""
-    root.mkdir(parents=True, exist_ok=True)
-    contents = {"labels": ("labels.txt", LABEL + "\n"), "taxonomy": ("taxonomy.txt", LABEL + "\n"),
-                "geofence": ("geofence.json", "{}\n")}
-    files = {}
-    for key, (name, text) in contents.items():
-        (root / name).write_text(text, encoding="utf-8")
-        files[key] = {"file": name, "sha256": sha256_file(root / name)}
-    files["labels"]["count"] = 1
-    manifest = {"schema_version": 1, "kind": "trapedge-bundle", "speciesnet": {"model_version": "test"},
-                "models": {}, "files": files}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    return root
+    return data_bundle(root, [LABEL], speciesnet={"model_version": "test"})
 
 
 def _rgb(path: Path):
@@ -64,15 +52,6 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def _check_onnx(path: Path) -> None:
-    model = onnx.load(str(path))
-    assert model.ir_version <= MAX_IR_VERSION
-    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
-    assert [i.name for i in model.graph.input] == ["images"]
-    assert [o.name for o in model.graph.output] == ["embedding"]
-    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
 
 
 def _manifest_preprocess(image, spec: dict) -> np.ndarray:
@@ -149,7 +128,7 @@ def test_open_clip_manifest_entry(tiny_bundle, tiny_checkpoint: Path) -> None:
 def test_open_clip_onnx_matches_encode_image_on_real_photos(tiny_bundle, tiny_checkpoint: Path,
                                                             photos: list[Path]) -> None:
     root, _ = tiny_bundle
-    _check_onnx(root / "encoder.onnx")
+    check_edge_onnx(root / "encoder.onnx", inputs=["images"], outputs=["embedding"])
     model, _, preprocess = open_clip.create_model_and_transforms(TINY, pretrained=str(tiny_checkpoint))
     model.eval()
     saved = torch.load(tiny_checkpoint, weights_only=True)
@@ -262,7 +241,7 @@ def test_efficientnet_lite0_real_weights_export(tmp_path: Path, photos: list[Pat
     assert entry["parity"]["min_cosine"] >= MIN_COSINE
     assert manifest["embedding"] == {"backbone": "torch", "model": "encoder", "output": "embedding", "dim": 1280}
     assert "prompts" not in manifest["files"]
-    _check_onnx(root / "encoder.onnx")
+    check_edge_onnx(root / "encoder.onnx", inputs=["images"], outputs=["embedding"])
     Bundle.load(root)
 
     spec = entry["preprocessing"]
@@ -313,6 +292,6 @@ def test_vit_l_14_random_weights_export(tmp_path: Path) -> None:
     assert entry["outputs"][0]["shape"] == ["batch", 768]
     assert entry["parity"]["min_cosine"] >= MIN_COSINE
     print("ViT-L-14 parity", entry["parity"], "exporter", entry["exporter"])
-    _check_onnx(root / "encoder.onnx")
+    check_edge_onnx(root / "encoder.onnx", inputs=["images"], outputs=["embedding"])
     with np.load(root / "prompts.npz", allow_pickle=False) as data:
         assert data["embeddings"].shape == (len(DEFAULT_PROMPTS), 768)

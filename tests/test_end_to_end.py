@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fixtures_models import generated_photos
+from fixtures_models import copy_photos, generated_photos
 from paths import TESTS
 
 LEAN = TESTS / "lean"
@@ -42,9 +41,7 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def dump(tmp_path_factory, photos) -> Path:
     root = tmp_path_factory.mktemp("card")
-    (root / "100MEDIA").mkdir()
-    for p in photos:
-        shutil.copy(p, root / "100MEDIA" / p.name)
+    copy_photos(photos, root / "100MEDIA")
     generated_photos(root / "101MEDIA")
     return root
 

@@ -1,4 +1,5 @@
-"""TensorRT engines: cache keys, profiles, paths, the missing-package errors, and the TensorRT 10/11 build paths.
+"""TensorRT engines: cache keys, profiles, paths, the missing-package errors, the TensorRT 10/11 build paths per
+precision, the native backend and GPU probing.
 
 Without TensorRT (CI, this build box) the build and run code is exercised against a small stand-in module
 that records what it is asked; the `gpu` test builds a real engine where TensorRT and a CUDA GPU exist.
@@ -21,18 +22,18 @@ import pytest
 from trapedge.runtime.speciesnet import detector as det_ops
 from trapedge.runtime.models import engines
 from trapedge.runtime.models.backends import BackendError
-from trapedge.runtime.models.bundle import Bundle, ModelSpec
+from trapedge.runtime.models.bundle import Bundle, BundleError, ModelSpec
 from trapedge.runtime.models.engines import (
-    TensorRTBackend,
     build_engine,
     default_profiles,
     engine_key,
     engine_path,
     ensure_engine,
-    gpu_info,
     ort_profile_options,
     timing_cache_path,
 )
+from trapedge.runtime.models.gpu import gpu_info
+from trapedge.runtime.models.tensorrt import TensorRTBackend
 
 SHA = "ab" * 32
 PROFILES = {"crops": ((1, 480, 480, 3), (8, 480, 480, 3), (32, 480, 480, 3))}
@@ -51,7 +52,9 @@ CLASSIFIER = _spec("classifier", ["batch", 480, 480, 3], {"layout": "NHWC", "siz
 
 
 def test_engines_module_imports_neither_torch_nor_tensorrt():
-    code = ("import sys, trapedge.runtime.models.engines, trapedge.runtime.models.quantized; "
+    code = ("import sys, trapedge.runtime.models.engines, trapedge.runtime.models.quantized, "
+            "trapedge.runtime.models.tensorrt, trapedge.runtime.models.cuda_memory, trapedge.runtime.models.gpu, "
+            "trapedge.runtime.models.select; "
             "print(sorted(m for m in ('torch', 'tensorrt', 'onnx', 'cupy') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -247,6 +250,7 @@ def _fake_tensorrt(version: str = "10.3.0.30", fp16_flag: bool = True, memory: _
 
     if fp16_flag:
         BuilderFlag.FP16 = "FP16"
+        BuilderFlag.INT8 = "INT8"
 
     class NetworkDefinitionCreationFlag:
         EXPLICIT_BATCH = 0
@@ -434,8 +438,21 @@ def test_build_engine_tensorrt10_sets_fp16_and_keeps_a_timing_cache(monkeypatch,
     assert record["tensorrt"] == "10.3.0.30" and record["fp16_flag"] and not record["strongly_typed"]
     build_engine(onnx_path, tmp_path / ".engines" / "m2.plan", PROFILES, timing_cache=cache, log=logs.append)
     assert trt.calls["timing"] == [b"", b"+"] and cache.read_bytes() == b"++"
-    build_engine(onnx_path, tmp_path / "m3.plan", PROFILES, fp16=False, log=logs.append)
+    build_engine(onnx_path, tmp_path / "m3.plan", PROFILES, precision="fp32", log=logs.append)
     assert trt.calls["flags"][-1] == []
+    assert json.loads((tmp_path / "m3.json").read_text())["fp16_flag"] is False
+
+
+def test_build_engine_tensorrt10_int8_sets_only_the_int8_flag(monkeypatch, tmp_path: Path):
+    trt = _fake_tensorrt("10.3.0.30", fp16_flag=True)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    onnx_path = _fake_onnx(tmp_path / "m_int8.onnx", {"crops": [-1, 480, 480, 3]})
+    out = build_engine(onnx_path, tmp_path / "m.plan", PROFILES, precision="int8", log=lambda _: None)
+    assert trt.calls["flags"] == [["INT8"]] and trt.calls["network_flags"] == [0]
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["precision"] == "int8" and record["int8_flag"] and not record["fp16_flag"]
+    with pytest.raises(BackendError, match="unknown precision"):
+        build_engine(onnx_path, tmp_path / "x.plan", PROFILES, precision="int4", log=lambda _: None)
 
 
 def test_build_engine_tensorrt11_is_strongly_typed(monkeypatch, tmp_path: Path):
@@ -448,6 +465,8 @@ def test_build_engine_tensorrt11_is_strongly_typed(monkeypatch, tmp_path: Path):
     assert trt.calls["network_flags"] == [1 << 1]
     assert any("strongly typed" in line and "fp16 ONNX" in line for line in logs)
     assert json.loads(out.with_suffix(".json").read_text())["strongly_typed"] is True
+    build_engine(onnx_path, tmp_path / "q.plan", PROFILES, precision="int8", log=logs.append)
+    assert trt.calls["flags"][-1] == [] and trt.calls["network_flags"][-1] == 1 << 1
 
 
 def test_build_engine_reports_parse_errors_and_missing_profiles(monkeypatch, tmp_path: Path):
@@ -509,7 +528,7 @@ def test_backend_errors_are_one_line(monkeypatch, tmp_path: Path):
         TensorRTBackend(stale, memory=memory).input_names()
 
 
-def _bundle(tmp_path: Path, with_fp16: bool) -> Bundle:
+def _bundle(tmp_path: Path, with_fp16: bool, int8_tensorrt: bool | None = None) -> Bundle:
     models = {"classifier": {"file": "classifier.onnx", "sha256": "11" * 32, "inputs": CLASSIFIER.inputs,
                              "preprocessing": CLASSIFIER.preprocessing}}
     _fake_onnx(tmp_path / "classifier.onnx", {"crops": [-1, 480, 480, 3]})
@@ -517,6 +536,12 @@ def _bundle(tmp_path: Path, with_fp16: bool) -> Bundle:
         models["classifier_fp16"] = {**models["classifier"], "file": "classifier_fp16.onnx", "sha256": "22" * 32,
                                      "precision": "fp16", "base_model": "classifier"}
         _fake_onnx(tmp_path / "classifier_fp16.onnx", {"crops": [-1, 480, 480, 3]})
+    if int8_tensorrt is not None:
+        models["classifier_int8"] = {**models["classifier"], "file": "classifier_int8.onnx", "sha256": "33" * 32,
+                                     "precision": "int8", "base_model": "classifier",
+                                     "quantization": {"format": "QDQ", "tensorrt": int8_tensorrt,
+                                                      "activations": "int8" if int8_tensorrt else "uint8"}}
+        _fake_onnx(tmp_path / "classifier_int8.onnx", {"crops": [-1, 480, 480, 3]})
     return Bundle(tmp_path, {"models": models, "files": {}}, [])
 
 
@@ -546,6 +571,44 @@ def test_ensure_engine_on_tensorrt11_without_an_fp16_onnx_builds_fp32(monkeypatc
     path = ensure_engine(_bundle(tmp_path, with_fp16=False), "classifier", log=logs.append)
     assert "-smunknown-trt11.4.0.106-fp32-" in path.name
     assert any("no classifier_fp16 model" in line for line in logs)
+
+
+@pytest.mark.parametrize("version, fp16_flag", [("10.3.0.30", True), ("11.4.0.106", False)])
+def test_ensure_engine_keys_and_builds_each_precision(monkeypatch, tmp_path: Path, version: str, fp16_flag: bool):
+    trt = _fake_tensorrt(version, fp16_flag=fp16_flag)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(engines, "gpu_info", lambda: {"name": "Orin", "compute_capability": "8.7"})
+    bundle = _bundle(tmp_path, with_fp16=False, int8_tensorrt=True)
+    paths = {p: ensure_engine(bundle, "classifier", precision=p, log=lambda _: None) for p in ("fp32", "int8")}
+    assert len(set(paths.values())) == 2 and trt.calls["builds"] == 2
+    assert f"-trt{version}-int8-" in paths["int8"].name and f"-trt{version}-fp32-" in paths["fp32"].name
+    profiles = default_profiles(bundle.model("classifier"))
+    assert paths["int8"].name == f"classifier-{engine_key('33' * 32, 'Orin', '8.7', version, 'int8', profiles)}.plan"
+    assert trt.calls["flags"] == ([[], ["INT8"]] if fp16_flag else [[], []])
+    assert json.loads(paths["int8"].with_suffix(".json").read_text())["onnx"] == "classifier_int8.onnx"
+
+
+def test_ensure_engine_int8_needs_a_tensorrt_ready_qdq_variant(monkeypatch, tmp_path: Path):
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt())
+    monkeypatch.setattr(engines, "gpu_info", lambda: {})
+    with pytest.raises(BackendError) as missing:
+        ensure_engine(_bundle(tmp_path, with_fp16=False), "classifier", precision="int8", log=lambda _: None)
+    assert f"trapedge quantize --bundle {tmp_path} --precision int8" in str(missing.value)
+    with pytest.raises(BundleError, match="TensorRT refuses"):
+        ensure_engine(_bundle(tmp_path, with_fp16=False, int8_tensorrt=False), "classifier", precision="int8",
+                      log=lambda _: None)
+    with pytest.raises(BackendError, match="unknown precision"):
+        ensure_engine(_bundle(tmp_path, with_fp16=False), "classifier", precision="bf16", log=lambda _: None)
+
+
+def test_from_bundle_refuses_before_building_without_device_buffers(monkeypatch, tmp_path: Path):
+    trt = _fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart", "cupy"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(BackendError, match="cuda-python.*CuPy"):
+        TensorRTBackend.from_bundle(_bundle(tmp_path, with_fp16=False), "classifier", precision="fp16")
+    assert trt.calls["builds"] == 0
 
 
 def _cuda_gpu() -> str | None:
@@ -579,15 +642,15 @@ def _tiny_onnx(path: Path) -> Path:
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
-@pytest.mark.parametrize("fp16, tolerance", [(False, 1e-3), (True, 3e-2)])
-def test_real_engine_matches_onnxruntime(tmp_path: Path, fp16: bool, tolerance: float):
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 3e-2)])
+def test_real_engine_matches_onnxruntime(tmp_path: Path, precision: str, tolerance: float):
     pytest.importorskip("tensorrt", reason="TensorRT Python bindings are not installed")
     if _cuda_gpu() is None:
         pytest.skip("no CUDA GPU visible (nvidia-smi / cuda-python found none)")
     ort = pytest.importorskip("onnxruntime")
     model = _tiny_onnx(tmp_path / "tiny.onnx")
     profiles = {"x": ((1, 3, 32, 32), (2, 3, 32, 32), (4, 3, 32, 32))}
-    plan = build_engine(model, tmp_path / ".engines" / "tiny.plan", profiles, fp16=fp16,
+    plan = build_engine(model, tmp_path / ".engines" / "tiny.plan", profiles, precision=precision,
                         timing_cache=tmp_path / ".engines" / "timing.cache", log=lambda _: None)
     backend = TensorRTBackend(plan)
     x = np.random.default_rng(1).random((3, 3, 32, 32), dtype=np.float32)

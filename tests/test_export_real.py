@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 pytest.importorskip("yolov5")
 
-from trapedge.export.onnxio import MAX_IR_VERSION  # noqa: E402
+from fixtures_models import check_edge_onnx  # noqa: E402
+from trapedge.export.random_models import calibrate_batchnorm  # noqa: E402
 from trapedge.export.speciesnet import _classifier_inputs, export_classifier, export_detector  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -29,39 +29,19 @@ def _photos(photos: list[Path]) -> list[np.ndarray]:
     return [np.asarray(Image.open(p).convert("RGB")) for p in photos[:2]]
 
 
-def _calibrate_batchnorm(module: torch.nn.Module, batch: torch.Tensor) -> None:
-    """Random-weight nets in eval mode shrink activations to ~0; give batch norm real statistics."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    module.train()
-    with torch.no_grad():
-        module(batch)
-    module.eval()
-
-
-def _check_onnx(path: Path) -> onnx.ModelProto:
-    model = onnx.load(str(path), load_external_data=False)
-    assert model.ir_version <= MAX_IR_VERSION
-    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
-    return model
-
-
 def test_efficientnet_v2_m_2498_exports_with_parity(tmp_path: Path, photos) -> None:
     torch.manual_seed(0)
     net = torchvision.models.efficientnet_v2_m(weights=None, num_classes=2498).eval()
     classifier = torch.nn.Sequential(torchvision.ops.misc.Permute([0, 3, 1, 2]), net)
     # Calibrated on the parity inputs themselves: a random net calibrated on one kind of input is
     # chaotic on another (logits of 1e4 whose float32 noise is of the same order), measuring nothing.
-    _calibrate_batchnorm(classifier, torch.from_numpy(_classifier_inputs(_photos(photos))))
+    calibrate_batchnorm(classifier, torch.from_numpy(_classifier_inputs(_photos(photos))))
     with torch.no_grad():
         spread = classifier(torch.rand(2, 480, 480, 3)).std().item()
     assert spread > 1e-3  # activations no longer vanish, so parity is measured on meaningful logits
     labels = [f"{i:08d}-0000-0000-0000-000000000000;mammalia;o;f;g;s{i};c{i}" for i in range(2498)]
     entry = export_classifier(classifier, labels, tmp_path, 17, _photos(photos), print)
-    model = _check_onnx(tmp_path / entry["file"])
-    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    check_edge_onnx(tmp_path / entry["file"])  # dynamic batch among the rest
     assert entry["outputs"][0]["shape"] == ["batch", 2498] and entry["outputs"][1]["shape"] == ["batch", 1280]
     parity = entry["parity"]
     print("EfficientNetV2-M parity", parity)
@@ -80,7 +60,7 @@ def test_yolov5x6_exports_with_dynamic_shapes_and_parity(tmp_path: Path, photos)
     torch.manual_seed(0)
     model = Model(cfg).eval()
     entry = export_detector(model, tmp_path, 17, _photos(photos), print)
-    onnx_model = _check_onnx(tmp_path / entry["file"])
+    onnx_model = check_edge_onnx(tmp_path / entry["file"])
     dims = onnx_model.graph.input[0].type.tensor_type.shape.dim
     assert all(d.dim_param for i, d in enumerate(dims) if i in (0, 2, 3))
     print("YOLOv5x6 parity", entry["parity"])

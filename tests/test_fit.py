@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from fixtures_models import check_edge_onnx, data_bundle  # noqa: E402
 from trapedge.export.fit import (  # noqa: E402
     CENTROIDS_FILE,
     HEAD_FILE,
@@ -25,9 +26,8 @@ from trapedge.export.fit import (  # noqa: E402
     train_head,
     triplet_loss,
 )
-from trapedge.export.onnxio import MAX_IR_VERSION  # noqa: E402
 from trapedge.export.parity import ort_session  # noqa: E402
-from trapedge.runtime.models.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256_file  # noqa: E402
+from trapedge.runtime.models.bundle import MANIFEST, Bundle, sha256_file  # noqa: E402
 from trapedge.runtime.speciesnet.ensemble.taxonomy import get_ancestor_at_level, get_full_class_string  # noqa: E402
 from trapedge.runtime.reclassify.stages import Centroids, StageConfig  # noqa: E402
 
@@ -103,16 +103,7 @@ def trained(split) -> tuple[torch.nn.Module, dict]:
 @pytest.fixture()
 def tiny_bundle(tmp_path: Path) -> Path:
     """A bundle with labels, taxonomy and geofence only, as fit finds it before a head exists."""
-    root = tmp_path / "bundle"
-    root.mkdir()
-    (root / "labels.txt").write_text("\n".join(SPECIES) + "\n", encoding="utf-8")
-    (root / "taxonomy.txt").write_text("\n".join(TAXONOMY_LINES) + "\n", encoding="utf-8")
-    (root / "geofence.json").write_text("{}\n", encoding="utf-8")
-    files = {name: {"file": f, "sha256": sha256_file(root / f)}
-             for name, f in (("labels", "labels.txt"), ("taxonomy", "taxonomy.txt"), ("geofence", "geofence.json"))}
-    manifest = {"schema_version": SCHEMA_VERSION, "kind": "trapedge-bundle", "models": {}, "files": files}
-    (root / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
-    return root
+    return data_bundle(tmp_path / "bundle", SPECIES, TAXONOMY_LINES)
 
 
 def test_training_lowers_loss_and_beats_raw_space(split, trained) -> None:
@@ -151,12 +142,7 @@ def test_head_onnx_parity(trained, tmp_path: Path) -> None:
     module, _ = trained
     path = tmp_path / HEAD_FILE
     entry = export_head(module, DIM, path, log=lambda _: None)
-    model = onnx.load(str(path))
-    assert model.ir_version <= MAX_IR_VERSION
-    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {17}
-    assert [i.name for i in model.graph.input] == ["embedding"]
-    assert [o.name for o in model.graph.output] == ["projected"]
-    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    check_edge_onnx(path, inputs=["embedding"], outputs=["projected"])
     assert entry["sha256"] == sha256_file(path)
     assert entry["inputs"][0]["shape"] == ["batch", DIM] and entry["outputs"][0]["shape"] == ["batch", 256]
     assert entry["parity"]["projected"]["max_abs_diff"] < 1e-5

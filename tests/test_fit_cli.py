@@ -27,7 +27,7 @@ def test_fit_from_csv_then_run_with_bundle_centroids(bundle_copy: Path, photos, 
         for i, photo in enumerate(photos):
             for j, box in enumerate(([0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.4, 0.4])):
                 writer.writerow([str(photo), labels[(i + j) % 3], *box])
-    proc = subprocess.run([sys.executable, "-m", "trapedge.runtime.cli", "fit", str(bundle_copy), "--references",
+    proc = subprocess.run([sys.executable, "-m", "trapedge.runtime.cli", "fit", "--bundle", str(bundle_copy), "--references",
                            str(csv_path), "--epochs", "3", "--out-dim", "16"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
@@ -41,5 +41,5 @@ def test_fit_from_csv_then_run_with_bundle_centroids(bundle_copy: Path, photos, 
             "--scoring", "mahalanobis", "--quiet")
     info = json.loads((out / "predictions.json").read_text())["info"]["trapedge"]["reclassification"]
     assert info["centroids"] == "both" and info["stages"]["scoring"] == "mahalanobis"
-    missing = run_cli("fit", str(bundle_copy), check=False)
-    assert missing.returncode == 1
+    missing = run_cli("fit", "--bundle", str(bundle_copy), check=False)
+    assert missing.returncode == 2

@@ -13,9 +13,9 @@ from typing import Optional
 import pytest
 
 from paths import CAMTRAP
-from trapedge.runtime.outputs import formats
+from trapedge.runtime import atomic
 from trapedge.runtime.speciesnet.ensemble import Classification
-from trapedge.runtime.outputs.formats import (
+from trapedge.runtime.outputs import (
     DEPLOYMENT_COLUMNS, FLAT_COLUMNS, MEDIA_COLUMNS, OBSERVATION_COLUMNS, Deployment, ImageInfo, final_label,
     write_camtrap_dp, write_flat_csv, write_megadetector_json, write_predictions_json,
 )
@@ -128,9 +128,9 @@ def test_final_label_follows_the_stage_that_relabelled() -> None:
 def test_every_file_goes_through_atomic_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     predictions, images = fabricated()
     written = []
-    real = formats.atomic_write_text
-    monkeypatch.setattr(formats, "atomic_write_text", lambda path, text: (written.append(Path(path)),
-                                                                          real(path, text)))
+    real = atomic.atomic_write_bytes
+    monkeypatch.setattr(atomic, "atomic_write_bytes", lambda path, data: (written.append(Path(path)),
+                                                                          real(path, data)))
     write_megadetector_json(tmp_path / "md.json", predictions, images, info={})
     write_camtrap_dp(tmp_path / "dp", predictions, images, _deployment(), info={})
     write_flat_csv(tmp_path / "flat.csv", predictions, images)
@@ -493,7 +493,7 @@ def test_flat_csv_round_trips_every_detection(tmp_path: Path) -> None:
 def test_atomic_writes_are_readable_by_others(tmp_path: Path) -> None:
     import os
 
-    from trapedge.runtime.outputs.formats import atomic_write_text
+    from trapedge.runtime.atomic import atomic_write_text
 
     old = os.umask(0o022)
     try:
@@ -506,7 +506,7 @@ def test_atomic_writes_are_readable_by_others(tmp_path: Path) -> None:
 def test_deployment_timezone_takes_iana_names_and_utc_offsets() -> None:
     from datetime import datetime
 
-    from trapedge.runtime.outputs.formats import Deployment, parse_zone
+    from trapedge.runtime.outputs import Deployment, parse_zone
 
     when = datetime(2024, 5, 1, 12, 0, 0)
     assert when.replace(tzinfo=parse_zone("+02:00")).isoformat().endswith("+02:00")

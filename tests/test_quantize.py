@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from fixtures_models import copy_photos  # noqa: E402
 from trapedge.export.quantize import (  # noqa: E402
     BOX_CONF_TOLERANCE,
     BOX_MIN_CONF,
@@ -40,6 +41,7 @@ from trapedge.runtime.speciesnet.classifier import preprocess_crop, to_network_i
 from trapedge.runtime.demo import SAMPLE_DATA  # noqa: E402
 from trapedge.runtime.card.ingest import decode  # noqa: E402
 from trapedge.runtime.models.quantized import check_agreement, check_tensorrt, floors, is_quantized  # noqa: E402
+from trapedge.export.random_models import calibrate_batchnorm  # noqa: E402
 
 NUM_CLASSES = 12
 CROP = 480
@@ -93,13 +95,8 @@ def tiny_cnn(tmp_path_factory, real_crops: np.ndarray) -> Path:
     torch.manual_seed(0)
     net = TinyCNN()
     calibration = torch.from_numpy(real_crops[::2])
-    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-        bn.reset_running_stats()
-        bn.momentum = None
-    net.train()
+    calibrate_batchnorm(net, calibration)
     with torch.no_grad():
-        net(calibration)
-        net.eval()
         _, features = net(calibration)
         mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
         weight = torch.randn(NUM_CLASSES, FEATURES) * 3.0 / std / FEATURES**0.5
@@ -201,9 +198,7 @@ def test_runtime_inputs_are_what_trapedge_run_feeds_the_models(bundle: Path, pho
     from test_end_to_end import run_cli
 
     card = tmp_path / "card"
-    card.mkdir()
-    for path in photos[:3]:
-        shutil.copyfile(path, card / path.name)
+    copy_photos(photos[:3], card)
     (card / "grey.png").write_bytes(b"")  # unreadable: skipped by collect_photos (empty file)
     from PIL import Image
 
@@ -556,8 +551,8 @@ def test_quantized_model_below_a_floor_is_refused_with_its_figures():
 def test_quantize_cli_then_run_with_the_int8_variants(bundle_copy: Path, photos, tmp_path: Path) -> None:
     from test_end_to_end import run_cli
 
-    proc = run_cli("quantize", str(bundle_copy), "--precision", "int8", "--images", str(photos[0].parent),
-                   "--floor", "0.5")
+    proc = run_cli("quantize", "--bundle", str(bundle_copy), "--precision", "int8", "--images", str(photos[0].parent),
+                   "--agreement-floor", "0.5")
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     classifier, detector = manifest["models"]["classifier_int8"], manifest["models"]["detector_int8"]
     assert classifier["agreement_floor"] == {"top1_agreement": 0.5, "feature_cosine": 0.5}
@@ -572,5 +567,5 @@ def test_quantize_cli_then_run_with_the_int8_variants(bundle_copy: Path, photos,
                       "--precision", "int8", "--agreement-floor", "1.0", check=False)
     last = refused.stderr.strip().splitlines()[-1]
     assert detector["agreement"]["boxes_found"] < 1.0  # random weights: int8 never keeps every box
-    assert refused.returncode == 1 and "below the floor" in last
+    assert refused.returncode == 2 and "below the floor" in last
     assert "detector_int8.onnx" in last and f"{detector['agreement']['found']}/{detector['agreement']['boxes']}" in last

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import test_stages as ts
+from fixtures_models import data_bundle
 from test_end_to_end import run_cli
-from trapedge.runtime.models.bundle import Bundle, sha256_file
+from trapedge.runtime.models.bundle import Bundle
 from trapedge.runtime.reclassify.evaluate import evaluate
 from trapedge.runtime.outputs.store import STORE_NAME, Store
 from trapedge.runtime.reclassify import EmbeddingTable
@@ -24,15 +25,8 @@ ADAPTIVE = StageConfig(decision="adaptive")
 
 
 def make_bundle(root: Path, geofence: dict | None = None) -> Path:
-    """A bundle with only taxonomy, geofence and labels: enough for pass 2."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "taxonomy.txt").write_text("\n".join(ts.TAXONOMY) + "\n")
-    (root / "labels.txt").write_text("\n".join(ts.TAXONOMY) + "\n")
-    (root / "geofence.json").write_text(json.dumps(geofence or {}))
-    files = {name: {"file": f, "sha256": sha256_file(root / f)}
-             for name, f in (("labels", "labels.txt"), ("taxonomy", "taxonomy.txt"), ("geofence", "geofence.json"))}
-    (root / "manifest.json").write_text(json.dumps({"schema_version": 1, "models": {}, "files": files}))
-    return root
+    """A bundle with only taxonomy, geofence and labels (the taxonomy of test_stages): enough for pass 2."""
+    return data_bundle(root, ts.TAXONOMY, geofence=geofence)
 
 
 def _det(label: str, score: float, source: str = "classifier", conf: float = 0.9, aves: float = 0.0) -> dict:
@@ -92,7 +86,7 @@ def test_pass_two_touches_what_it_should_and_keeps_speciesnet_fields(tmp_path: P
 def test_geofence_keeps_blocked_species_out(tmp_path: Path) -> None:
     predictions, table, _ = scenario()
     leopard_key = ";".join(ts.LEOPARD.split(";")[1:6])
-    bundle = make_bundle(tmp_path / "b", {leopard_key: {"block": {"KEN": []}}})
+    bundle = make_bundle(tmp_path / "b", {leopard_key: {"block": {"KEN": [], "USA": ["AK"]}}})  # USA: only Alaska
     Reclassifier(Bundle.load(bundle), ADAPTIVE, country="KEN").run(predictions, table)
     rec = predictions[1]["detections"][2].get("reclassification")
     assert rec is None or rec["class"] != ts.LEOPARD
@@ -149,13 +143,13 @@ def test_reclassify_and_evaluate_commands(tmp_path: Path) -> None:
     assert "accuracy of re-classified | 100.0%" in proc.stdout
     assert json.loads((out / "evaluation.json").read_text())["reclassified"] == 4
     bad = run_cli("evaluate", str(out), "--truth", str(bundle / "labels.txt"), check=False)
-    assert bad.returncode == 1 and "truth CSV needs columns" in bad.stderr
+    assert bad.returncode == 2 and "truth CSV needs columns" in bad.stderr
 
 
 def test_reclassify_reuses_the_runs_location_unless_overridden(tmp_path: Path) -> None:
     predictions, table, _ = scenario()
     leopard_key = ";".join(ts.LEOPARD.split(";")[1:6])
-    bundle = make_bundle(tmp_path / "b", {leopard_key: {"block": {"KEN": []}}})
+    bundle = make_bundle(tmp_path / "b", {leopard_key: {"block": {"KEN": [], "USA": ["AK"]}}})  # USA: only Alaska
     out = tmp_path / "out"
     out.mkdir()
     fill_store(out / STORE_NAME, predictions, table, Path("/card"))
@@ -180,11 +174,11 @@ def test_export_results_takes_and_remembers_the_deployment(tmp_path: Path) -> No
     out.mkdir()
     fill_store(out / STORE_NAME, predictions, table, Path("/card"))
     missing = run_cli("export-results", str(out), "--format", "camtrap-dp", check=False)
-    assert missing.returncode == 1 and "--timezone, --lat and --lon" in missing.stderr
+    assert missing.returncode == 2 and "--timezone, --lat and --lon" in missing.stderr
     partial = run_cli("export-results", str(out), "--timezone", "+02:00", check=False)
-    assert partial.returncode == 1 and "--lat, --lon" in partial.stderr and "Traceback" not in partial.stderr
+    assert partial.returncode == 2 and "--lat, --lon" in partial.stderr and "Traceback" not in partial.stderr
     bad = run_cli("export-results", str(out), "--timezone", "Mars/Base", "--lat", "1", "--lon", "2", check=False)
-    assert bad.returncode == 1 and "UTC offset" in bad.stderr
+    assert bad.returncode == 2 and "UTC offset" in bad.stderr
     run_cli("export-results", str(out), "--timezone", "+02:00", "--lat", "-22.5", "--lon", "17.1",
             "--deployment-id", "cam-7")
     deployments = (out / "camtrap-dp" / "deployments.csv").read_text()

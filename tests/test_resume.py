@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures_models import copy_photos
 from test_end_to_end import lean_env
 
 
@@ -35,10 +36,8 @@ def _outputs(out: Path) -> tuple[list, list]:
 @pytest.fixture(scope="module")
 def card(tmp_path_factory, photos) -> Path:
     root = tmp_path_factory.mktemp("card")
-    for i, p in enumerate(photos * 2):
-        folder = root / ("100MEDIA" if i < 10 else "101MEDIA")
-        folder.mkdir(exist_ok=True)
-        shutil.copy(p, folder / p.name)
+    copy_photos(photos, root / "100MEDIA")
+    copy_photos(photos, root / "101MEDIA")
     return root
 
 
@@ -73,10 +72,7 @@ def test_redumped_card_adds_only_new_files(card: Path, bundle: Path, photos, tmp
     shutil.copytree(card, dump)
     out = tmp_path / "out"
     assert _run(dump, bundle, out).returncode == 0
-    extra = dump / "102MEDIA"
-    extra.mkdir()
-    for p in photos[:4]:
-        shutil.copy(p, extra / p.name)
+    copy_photos(photos[:4], dump / "102MEDIA")
     changed = dump / "100MEDIA" / photos[0].name
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
     (dump / "101MEDIA" / photos[1].name).unlink()
@@ -109,7 +105,7 @@ def small_disk(tmp_path: Path):
 def test_full_disk_is_a_clear_error_and_resumable(card: Path, bundle: Path, reference, small_disk: Path) -> None:
     out = small_disk / "out"
     first = _run(card, bundle, out)
-    assert first.returncode == 1, first.stderr[-2000:]
+    assert first.returncode == 2, first.stderr[-2000:]
     message = first.stderr.strip().splitlines()[-1]
     assert message.startswith(f"Error: {out}: cannot write results") and ("No space left" in message or "disk is full" in message)
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)

@@ -32,4 +32,4 @@ def test_run_writes_all_formats_and_they_validate(bundle: Path, photos, tmp_path
     run_cli("export-results", str(out), "--format", "megadetector")
     assert (out / "megadetector.json").read_text() == before
     bad = run_cli("export-results", str(out), "--format", "shapefile", check=False)
-    assert bad.returncode == 1 and "unknown format" in bad.stderr
+    assert bad.returncode == 2 and "'shapefile' is not one of" in bad.stderr and "Traceback" not in bad.stderr

@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .video import video_key
+
 __all__ = ["DEFAULT_GAP_S", "dominant_labels", "group_events", "pool_by_event"]
 
 DEFAULT_GAP_S = 60.0
@@ -19,12 +21,16 @@ def group_events(images: Sequence[dict], gap_s: float = DEFAULT_GAP_S) -> dict[s
 
     Photos are ordered by capture time, ties broken by file name. A photo without an EXIF capture time
     falls back to its file modification time (`modified_ns`, which cameras set when they write the file);
-    with neither it is an event of its own.
+    with neither it is an event of its own. Every sampled frame of one video is one event.
     """
     by_folder: dict[str, list[tuple[datetime, str]]] = defaultdict(list)
     events: dict[str, str] = {}
     for image in images:
         key = image["key"]
+        video = video_key(key)
+        if video is not None:
+            events[key] = f"{video}#video"
+            continue
         captured = image.get("captured")
         folder = str(PurePosixPath(key).parent)
         if captured:

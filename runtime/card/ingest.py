@@ -13,6 +13,8 @@ import PIL.Image
 import PIL.ImageFile
 import PIL.ImageOps
 
+from .video import DEFAULT_EVERY_S, VideoError, frame_key, is_video, parse_frame_key, probe, read_frame, sample_frames
+
 __all__ = ["DecodedImage", "ImageRecord", "IMAGE_EXTENSIONS", "decode", "scan"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
@@ -59,14 +61,18 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def scan(root: Path) -> Iterator[ImageRecord]:
-    """Yields the dump's photos in sorted key order, skipping hidden and AppleDouble (`._`) files."""
+def scan(root: Path, *, video_every: float = DEFAULT_EVERY_S,
+         video_every_frames: Optional[int] = None) -> Iterator[ImageRecord]:
+    """Yields the dump's photos and sampled video frames in sorted key order, skipping hidden and AppleDouble
+    (`._`) files; a video gives one record per sampled frame (the video's size and mtime), or one record under its
+    own key when it cannot be read (decoding it records the reason)."""
     root = Path(root)
     found: list[ImageRecord] = []
     for folder, dirs, files in os.walk(root, onerror=None, followlinks=False):
         dirs[:] = [d for d in dirs if not _hidden(d)]
         for name in files:
-            if _hidden(name) or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            video = is_video(name)
+            if _hidden(name) or not (video or Path(name).suffix.lower() in IMAGE_EXTENSIONS):
                 continue
             path = Path(folder) / name
             try:
@@ -74,11 +80,37 @@ def scan(root: Path) -> Iterator[ImageRecord]:
             except OSError:
                 stat = None
             key = path.relative_to(root).as_posix()
-            found.append(
-                ImageRecord(key, path, stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1)
-            )
+            record = ImageRecord(key, path, stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1)
+            found.extend(_frames(record, video_every, video_every_frames) if video else [record])
     found.sort(key=lambda r: r.key)
     yield from found
+
+
+def _frames(record: ImageRecord, every_s: float, every_frames: Optional[int]) -> list[ImageRecord]:
+    """One record per sampled frame of a video; the video's own record when it cannot be probed."""
+    try:
+        info = probe(record.path)
+    except (VideoError, OSError):
+        return [record]
+    return [ImageRecord(frame_key(record.key, n, info.fps), record.path, record.size, record.mtime_ns)
+            for n in sample_frames(info, every_s, every_frames)]
+
+
+def _decode_video(record: ImageRecord) -> DecodedImage:
+    """A sampled frame as RGB, or the reason the frame (or the whole video) cannot be read."""
+    result = DecodedImage(record)
+    parsed = parse_frame_key(record.key)
+    try:
+        if parsed is None:
+            probe(record.path)
+            raise VideoError("video was unreadable when the card was scanned; run again to retry")
+        result.pixels = read_frame(record.path, parsed[1])
+        result.full_size = result.pixels.shape[:2]
+    except VideoError as e:
+        result.error = str(e)
+    except (OSError, MemoryError) as e:
+        result.error = f"cannot decode video: {type(e).__name__}: {e}"
+    return result
 
 
 def _capture_time(img: PIL.Image.Image) -> Optional[str]:
@@ -106,6 +138,8 @@ def decode(record: ImageRecord, draft_long_side: Optional[int] = None) -> Decode
     With `draft_long_side`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps its long
     side at least that long: 2-4x cheaper for 12-20 MP photos, pixels no longer SpeciesNet's.
     """
+    if parse_frame_key(record.key) is not None or is_video(record.key):
+        return _decode_video(record)
     result = DecodedImage(record)
     if record.size == 0:
         result.error = "empty file (0 bytes)"

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["BackendError", "DEVICES", "OnnxBackend", "providers_for"]
+__all__ = ["BackendError", "DEVICES", "PRECISIONS", "OnnxBackend", "available_providers", "providers_for"]
 
 logger = logging.getLogger("trapedge")
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
 _CPU = "CPUExecutionProvider"
 _CUDA = "CUDAExecutionProvider"
 _TRT = "TensorrtExecutionProvider"
@@ -32,11 +33,20 @@ def _ort():
     return onnxruntime
 
 
-def providers_for(device: str, cache_dir: Optional[Path] = None) -> list:
-    """Explicit provider list for a device choice; 'auto' takes CUDA when this onnxruntime has it."""
+def available_providers() -> list[str]:
+    """Execution providers this onnxruntime build offers."""
+    return list(_ort().get_available_providers())
+
+
+def providers_for(device: str, precision: str = "fp32",
+                  tensorrt_options: Optional[Mapping[str, Any]] = None) -> list:
+    """Explicit provider list for a device; on tensorrt the EP's precision flags follow `precision` and the
+    model's own options (profiles, caches) are added; 'auto' takes CUDA when this onnxruntime has it."""
     if device not in DEVICES:
         raise BackendError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
-    available = _ort().get_available_providers()
+    if precision not in PRECISIONS:
+        raise BackendError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    available = available_providers()
     if device == "cpu" or (device == "auto" and _CUDA not in available):
         return [_CPU]
     if device in ("cuda", "auto"):
@@ -45,15 +55,9 @@ def providers_for(device: str, cache_dir: Optional[Path] = None) -> list:
         return [(_CUDA, {"device_id": 0}), _CPU]
     if _TRT not in available:
         raise BackendError(f"--device tensorrt needs onnxruntime-gpu with TensorRT; have {available}")
-    options = {"trt_fp16_enable": True}
-    if cache_dir is not None:
-        cache = str(cache_dir)
-        options.update(
-            trt_engine_cache_enable=True,
-            trt_engine_cache_path=cache,
-            trt_timing_cache_enable=True,
-            trt_timing_cache_path=cache,
-        )
+    options: dict[str, Any] = {"device_id": 0, "trt_fp16_enable": precision == "fp16",
+                               "trt_int8_enable": precision == "int8"}
+    options.update(tensorrt_options or {})
     return [(_TRT, options), (_CUDA, {"device_id": 0}), _CPU]
 
 
@@ -65,20 +69,27 @@ class OnnxBackend:
         path: Path,
         device: str = "auto",
         threads: Optional[int] = None,
-        cache_dir: Optional[Path] = None,
+        *,
+        precision: str = "fp32",
+        tensorrt_options: Optional[Mapping[str, Any]] = None,
     ) -> None:
         self.path = Path(path)
         self.device = device
         self.threads = threads
-        self.cache_dir = cache_dir
+        self.precision = precision
+        self.tensorrt_options = dict(tensorrt_options or {})
         self._session = None
+
+    def requested_providers(self) -> list:
+        """The provider list this backend asks onnxruntime for (TensorRT EP options included)."""
+        return providers_for(self.device, self.precision, self.tensorrt_options)
 
     @property
     def session(self):
         """The ONNX Runtime session, opened on first use."""
         if self._session is None:
             ort = _ort()
-            requested = providers_for(self.device, self.cache_dir)
+            requested = self.requested_providers()
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.log_severity_level = 3

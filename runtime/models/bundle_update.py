@@ -20,7 +20,7 @@ from .bundle import MANIFEST, Bundle, BundleError, sha256_file
 from ..speciesnet.ensemble import load_geofence, load_taxonomy
 from ..speciesnet.ensemble.taxonomy import get_full_class_string
 from ..faults import checkpoint
-from ..outputs.formats import atomic_write_text
+from ..atomic import atomic_write_text
 
 __all__ = [
     "DATA_FILES",

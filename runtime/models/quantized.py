@@ -1,4 +1,4 @@
-"""Refuses quantised bundle models whose recorded agreement with their base model is below a floor.
+"""Refuses quantised variants a bundle lacks, and those whose recorded agreement with their base model is below a floor.
 
 `trapedge quantize` records, per quantised model, `agreement` (measured against fp32 on held-out photos) and
 `agreement_floor` ({metric: floor}). The classifier is gated on `top1_agreement` and `feature_cosine` (the
@@ -9,11 +9,16 @@ quantised model finds). A bare number as floor (older bundles) gates top-1 agree
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
 
-from .bundle import BundleError
+from .backends import BackendError
+from .bundle import Bundle, BundleError, ModelSpec
 
-__all__ = ["METRICS", "check_agreement", "check_tensorrt", "floors", "is_quantized"]
+__all__ = ["METRICS", "QUANTIZED", "check_agreement", "check_tensorrt", "floors", "is_quantized", "makes_variant",
+           "quantize_command", "require_variant"]
+
+QUANTIZED = {"classifier": ("fp16", "int8"), "detector": ("int8",)}  # what `trapedge quantize` makes
 
 METRICS = {
     "top1_agreement": "top-1 agreement",
@@ -102,3 +107,26 @@ def check_tensorrt(spec_raw: Mapping[str, Any]) -> None:
         raise BundleError(f"{spec_raw.get('file', 'model')}: quantised with "
                           f"{spec_raw['quantization'].get('activations', 'asymmetric')} activations, which TensorRT "
                           "refuses; quantise it again with --activations int8 for TensorRT")
+
+
+def makes_variant(name: str, precision: str) -> bool:
+    """True when `trapedge quantize` makes a `{name}_{precision}` variant (fp16: classifier; int8: both)."""
+    return precision in QUANTIZED.get(name, ())
+
+
+def quantize_command(bundle_root: Union[Path, str], precision: str) -> str:
+    """The command that adds the bundle's variants at a precision."""
+    return f"trapedge quantize --bundle {bundle_root} --precision {precision}"
+
+
+def require_variant(bundle: Bundle, name: str, precision: str) -> ModelSpec:
+    """The bundle's `{name}_{precision}` model, or a one-line BackendError naming the command that makes it."""
+    variant = f"{name}_{precision}"
+    if bundle.has_model(variant):
+        return bundle.model(variant)
+    if makes_variant(name, precision):
+        raise BackendError(f"{name}: the bundle has no {precision} variant ({variant}); make it with: "
+                           f"{quantize_command(bundle.root, precision)}")
+    makers = ", ".join(m for m, made in QUANTIZED.items() if precision in made) or "no model"
+    raise BackendError(f"{name}: the bundle has no {precision} variant ({variant}) and `trapedge quantize` makes "
+                       f"{precision} for {makers} only")

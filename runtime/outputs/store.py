@@ -211,6 +211,21 @@ class Store:
                 body = {k: v for k, v in prediction.items() if k != "filepath"}
                 self.db.execute("UPDATE images SET prediction = ? WHERE key = ?", (json.dumps(body), key))
 
+    def merge(self, shard: Path) -> int:
+        """Copies a chunk's shard (a store of some images) into this one in one transaction; idempotent."""
+        self.db.execute("ATTACH DATABASE ? AS shard", (str(shard),))
+        try:
+            with self._transaction():
+                keys = "SELECT key FROM shard.images"
+                for table in ("embeddings", "evidence", "degraded"):
+                    self.db.execute(f"DELETE FROM {table} WHERE key IN ({keys})")
+                    self.db.execute(f"INSERT INTO {table} SELECT * FROM shard.{table}")
+                self.db.execute("INSERT OR REPLACE INTO images SELECT * FROM shard.images")
+                merged = self.db.execute("SELECT COUNT(*) FROM shard.images").fetchone()[0]
+        finally:
+            self.db.execute("DETACH DATABASE shard")
+        return merged
+
     def count(self) -> int:
         """Number of images stored."""
         return self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]

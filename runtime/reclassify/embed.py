@@ -8,11 +8,17 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ..models.backends import OnnxBackend
 from ..models.bundle import Bundle
+from ..models.metered import Metered
+from ..models.select import Backend, open_model
 from ..speciesnet.classifier import crop_region
+from .stages import unit_rows
 
-__all__ = ["Embedder", "EncoderPreprocess", "apply_head", "embedding_section"]
+__all__ = ["HEAD_BATCH", "Embedder", "EncoderPreprocess", "apply_head", "crop_embedder", "embedding_section",
+           "head_backend"]
+
+HEAD_BATCH = 4096  # embeddings per head call; also the head's TensorRT profile
+CROP_BATCH = 32  # crops per classifier call when embedding for `trapedge fit`; within every TensorRT profile
 
 
 def embedding_section(bundle: Bundle) -> dict:
@@ -59,16 +65,17 @@ class Embedder:
     """Runs the bundle's image encoder on detection crops (only when the backbone is not SpeciesNet's own)."""
 
     def __init__(self, bundle: Bundle, device: str = "auto", threads: Optional[int] = None,
-                 batch: int = 16) -> None:
+                 batch: int = 16, *, precision: str = "fp32") -> None:
         self.section = embedding_section(bundle)
         self.uses_classifier = self.section["model"] == "classifier"
         self.batch = batch
-        self.backend = None
+        self.backend: Optional[Metered] = None
         if not self.uses_classifier:
             spec = bundle.model(self.section["model"])
             self.preprocess = EncoderPreprocess(spec.preprocessing)
             self.input_name = spec.inputs[0]["name"]
-            self.backend = OnnxBackend(spec.path, device, threads, bundle.root / ".engines")
+            self.backend = Metered(open_model(bundle, spec.name, device=device, precision=precision,
+                                              threads=threads, batch=batch))
 
     def embed(self, image: np.ndarray, bboxes: Sequence[Sequence[float]]) -> list[Optional[np.ndarray]]:
         """Encoder embeddings for the boxes of one image (None where the crop is empty)."""
@@ -84,36 +91,41 @@ class Embedder:
         return out
 
 
-def crop_embedder(bundle: Bundle, device: str = "cpu"):
+def crop_embedder(bundle: Bundle, device: str = "cpu", precision: str = "fp32"):
     """A function embedding whole crops (HWC uint8) with the bundle's backbone, for `trapedge fit`."""
     from ..speciesnet.classifier import preprocess_crop, to_network_input
 
-    embedder = Embedder(bundle, device)
+    embedder = Embedder(bundle, device, precision=precision)
     if not embedder.uses_classifier:
         return lambda crops: np.stack([embedder.embed(c, [(0.0, 0.0, 1.0, 1.0)])[0] for c in crops])
-    classifier = OnnxBackend(bundle.model("classifier").path, device)
+    classifier = open_model(bundle, "classifier", device=device, precision=precision, batch=CROP_BATCH)
 
     def embed(crops: list[np.ndarray]) -> np.ndarray:
-        batch = to_network_input([preprocess_crop(c, (0.0, 0.0, 1.0, 1.0)) for c in crops])
-        return classifier.run({"crops": batch}, [embedder.section["output"]])[0]
+        parts = []
+        for start in range(0, len(crops), CROP_BATCH):
+            batch = to_network_input([preprocess_crop(c, (0.0, 0.0, 1.0, 1.0))
+                                      for c in crops[start : start + CROP_BATCH]])
+            parts.append(classifier.run({"crops": batch}, [embedder.section["output"]])[0])
+        return np.concatenate(parts)
 
     return embed
 
 
-def apply_head(vectors: np.ndarray, head: Optional[OnnxBackend], batch: int = 4096) -> np.ndarray:
+def apply_head(vectors: np.ndarray, head: Optional[Backend], batch: int = HEAD_BATCH) -> np.ndarray:
     """Stage 4 at run time: the triplet head (if the bundle has one), then L2 normalisation."""
     vectors = np.asarray(vectors, dtype=np.float32)
     if head is not None and len(vectors):
         name = head.input_names()[0]
         vectors = np.concatenate([head.run({name: vectors[i : i + batch]})[0]
                                   for i in range(0, len(vectors), batch)])
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
+    return unit_rows(vectors)
 
 
-def head_backend(bundle: Bundle, device: str = "cpu") -> Optional[OnnxBackend]:
-    """The bundle's triplet head, if it has one."""
-    return OnnxBackend(bundle.model("head").path, device) if bundle.has_model("head") else None
+def head_backend(bundle: Bundle, device: str = "cpu", precision: str = "fp32") -> Optional[Backend]:
+    """The bundle's triplet head on a device at a precision, if it has one."""
+    if not bundle.has_model("head"):
+        return None
+    return open_model(bundle, "head", device=device, precision=precision, batch=HEAD_BATCH)
 
 
 def load_prompts(bundle: Bundle) -> tuple[Optional[np.ndarray], list[int]]:

@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional
 
-from ..outputs.formats import atomic_write_text
+from ..atomic import atomic_write_text
 from .stages import label_depth
 
 __all__ = ["evaluate", "load_truth", "write_report"]

@@ -428,7 +428,7 @@ class QueryEvidence:
             r, kk = rows[live], k[live]
             left = card.sizes[kk] - size[live]
             c = card.sums[kk] - vec[live]
-            c /= np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+            c = unit_rows(c)
             patched = 1.0 - np.einsum("ij,ij->i", x[r].astype(np.float64), c)
             d[r, col_of[kk]] = np.where(left < card.config.n_min, np.inf, patched)
         ids = card.cent_ids[cols]

@@ -6,7 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..bench import StageTimer
+from ..timing import StageTimer
 from ..models.bundle import Bundle
 from ..speciesnet.ensemble import load_geofence, load_taxonomy, should_geofence_animal_classification
 from .passtwo import DegradedTable, EmbeddingTable, EvidenceTable, PassTwoInputs, PassTwoResult, pass_two
@@ -22,7 +22,8 @@ class Reclassifier:
 
     def __init__(self, bundle: Bundle, config: StageConfig = StageConfig(), *, centroids: str = "dump",
                  country: Optional[str] = None, admin1_region: Optional[str] = None, enable_geofence: bool = True,
-                 device: str = "cpu", events: Optional[dict[str, str]] = None, event_pooling: bool = False) -> None:
+                 device: str = "cpu", events: Optional[dict[str, str]] = None, event_pooling: bool = False,
+                 precision: str = "fp32") -> None:
         if centroids not in CENTROID_SOURCES:
             raise ValueError(f"--centroids must be one of {', '.join(CENTROID_SOURCES)}, got {centroids!r}")
         if centroids != "dump" and "centroids" not in bundle.manifest["files"]:
@@ -39,7 +40,7 @@ class Reclassifier:
         self.country, self.admin1_region, self.enable_geofence = country, admin1_region, enable_geofence
         self.taxonomy_map = load_taxonomy(bundle.file("taxonomy"))
         self.geofence_map = load_geofence(bundle.file("geofence"))
-        self.head = head_backend(bundle, device)
+        self.head = head_backend(bundle, device, precision)
         self.prompts, self.bird_rows = load_prompts(bundle)
         if bundle.manifest.get("embedding", {}).get("model", "classifier") == "classifier":
             self.prompts, self.bird_rows = None, []  # prompts live in an encoder's space, not the classifier's

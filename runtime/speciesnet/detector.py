@@ -1,4 +1,4 @@
-"""MegaDetector v5a pre- and post-processing as SpeciesNet applies it: letterbox, NMS, box scaling.
+"""MegaDetector pre- and post-processing as SpeciesNet applies it: letterbox, NMS, box scaling.
 
 Written from the published algorithm (YOLOv5 letterbox and class-aware greedy NMS); the YOLOv5 and
 ultralytics code is GPL/AGPL and is not copied here. Pure numpy plus cv2.resize, the resize SpeciesNet's
@@ -7,7 +7,8 @@ letterbox itself calls, so the detector sees bit-identical pixels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -29,7 +30,7 @@ _MAX_CANDIDATES = 30000
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """MegaDetector settings SpeciesNet uses; recorded in the bundle manifest."""
+    """MegaDetector settings SpeciesNet uses, recorded in the bundle manifest; the defaults are MDv5a's."""
 
     image_size: int = 1280
     stride: int = 64
@@ -37,6 +38,27 @@ class DetectorConfig:
     conf_threshold: float = 0.01
     iou_threshold: float = 0.45
     max_detections: int = 300
+    model: str = "MDv5a"
+    typical_threshold: float = 0.2
+    conservative_threshold: Optional[float] = 0.05
+
+    @classmethod
+    def from_manifest(cls, entry: dict) -> DetectorConfig:
+        """The detector's manifest entry (`preprocessing`, `megadetector`); MDv5a's values where it has none."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in (entry.get("preprocessing") or {}).items() if k in known}
+        facts = entry.get("megadetector") or {}
+        for key, field_name in (("name", "model"), ("typical_detection_threshold", "typical_threshold"),
+                                ("conservative_detection_threshold", "conservative_threshold")):
+            if key in facts:
+                values[field_name] = facts[key]
+        config = cls(**values)
+        if config.stride <= 0 or config.image_size <= 0 or config.image_size % config.stride:
+            raise ValueError(f"detector image_size {config.image_size} is not a positive multiple of its stride "
+                             f"{config.stride}")
+        if not 0.0 < config.typical_threshold < 1.0:
+            raise ValueError(f"detector typical_detection_threshold {config.typical_threshold} is not in (0, 1)")
+        return config
 
 
 @dataclass(frozen=True)

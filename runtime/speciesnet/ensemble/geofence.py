@@ -9,7 +9,9 @@ from .vocabulary import Classification
 
 __all__ = [
     "Prediction",
+    "check_location",
     "geofence_animal_classification",
+    "geofence_vocabulary",
     "roll_up_labels_to_first_matching_level",
     "should_geofence_animal_classification",
 ]
@@ -117,3 +119,47 @@ def geofence_animal_classification(
         return Classification.UNKNOWN.value, scores[0], "classifier+geofence+rollup_failed"
     label, score, source = rollup
     return label, score, "classifier+geofence+" + source[len("classifier+") :]
+
+
+def geofence_vocabulary(geofence_map: dict) -> dict[str, set[str]]:
+    """Every country (ISO3) the geofence names, with the admin1 regions it names for each."""
+    vocabulary: dict[str, set[str]] = {}
+    for rules in geofence_map.values():
+        for kind in ("allow", "block"):
+            for country, regions in (rules.get(kind) or {}).items():
+                vocabulary.setdefault(country, set()).update(regions or [])
+    return vocabulary
+
+
+def check_location(country: Optional[str], admin1_region: Optional[str],
+                   geofence_map: dict) -> tuple[Optional[str], Optional[str]]:
+    """Upper-cased (country, admin1), refused with close matches when the geofence would silently ignore them."""
+    import difflib
+
+    if country is None:
+        if admin1_region is not None:
+            raise ValueError("--admin1 needs --country")
+        return None, None
+    country = country.strip().upper()
+    if len(country) != 3 or not country.isalpha():
+        raise ValueError(f"--country must be an ISO 3166-1 alpha-3 code such as USA or KEN, got {country!r}")
+    vocabulary = geofence_vocabulary(geofence_map)
+    if vocabulary and country not in vocabulary:
+        close = difflib.get_close_matches(country, sorted(vocabulary), n=4, cutoff=0.3)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise ValueError(f"--country {country}: not in this bundle's geofence ({len(vocabulary)} countries), so the "
+                         f"geofence would do nothing{hint}; use --no-geofence to run without it")
+    if admin1_region is None:
+        return country, None
+    admin1_region = admin1_region.strip().upper()
+    if len(admin1_region) != 2:
+        raise ValueError(f"--admin1 must be a 2-character ISO 3166-2 region code such as CA, got {admin1_region!r}")
+    regions = vocabulary.get(country, set())
+    if vocabulary and admin1_region not in regions:
+        if not regions:
+            raise ValueError(f"--admin1 {admin1_region}: this bundle's geofence has no regions for {country} "
+                             "(SpeciesNet's has them for USA only); leave --admin1 out")
+        close = difflib.get_close_matches(admin1_region, sorted(regions), n=4, cutoff=0.3)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise ValueError(f"--admin1 {admin1_region}: not a region of {country} in this bundle's geofence{hint}")
+    return country, admin1_region

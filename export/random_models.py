@@ -1,12 +1,16 @@
-"""Build SpeciesNet-format model folders with random weights for tests.
+"""Random-weight models in the real on-disk formats, for tests and benchmarks, since no weights can be downloaded.
 
-The folder mirrors a real SpeciesNet "always_crop" release: a pickled onnx2torch
-``GraphModule`` classifier taking NHWC float32 input, a half-precision YOLOv5 P6
-checkpoint, a 7-field labels file, a taxonomy file and a geofence JSON.  Random
-networks are made to behave like trained ones by calibrating batch-norm statistics on
-real photos and then rescaling only the output heads (see ``fixtures.md``).
-``classifier_head`` names the final linear layer of the saved classifier and the fx
-node holding its input, the pooled feature vector.
+``build_speciesnet_folder`` writes a SpeciesNet "always_crop" model folder as a release ships it: ``info.json``,
+a pickled onnx2torch ``GraphModule`` classifier taking NHWC float32 input, a half-precision YOLOv5 P6 checkpoint
+dict, a 7-field labels file, a taxonomy file and a geofence JSON. Size "tiny" (YOLOv5s6 at width 0.25, a 5-conv
+classifier) is what the tests export; size "real" (YOLOv5x6, EfficientNetV2-M with 2,498 labels) is what the
+benchmarks time.
+
+Random networks are made to behave like trained ones in two steps: ``calibrate_batchnorm`` gives them batch-norm
+statistics from real (or smooth synthetic) inputs, so activations neither vanish nor explode, and then only the
+output heads are rescaled (a handful of spread-out boxes per photo; whitened, taxonomy-correlated logits).
+``classifier_head`` names the final linear layer of the saved classifier and the fx node holding its input, the
+pooled feature vector.
 """
 
 from __future__ import annotations
@@ -19,19 +23,17 @@ import math
 import random
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx2torch
 import PIL.Image
 import PIL.ImageOps
 import torch
 import torchvision
 import torchvision.transforms.functional as TF
-import yaml
 from torch import nn
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "VEHICLE",
     "SPECIAL_LABELS",
     "build_speciesnet_folder",
+    "calibrate_batchnorm",
     "classifier_head",
     "fabricate_labels",
 ]
@@ -303,18 +306,25 @@ def _letterbox(image: np.ndarray) -> _Letterboxed:
     return _Letterboxed(tensor, (image.shape[0], image.shape[1]), (float(pad[0]), float(pad[1])))
 
 
-def _calibrate_batchnorm(model: nn.Module, batches: Iterator[torch.Tensor]) -> None:
-    """Recompute batch-norm running statistics from ``batches``, other layers in eval."""
+def calibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor] | torch.Tensor) -> nn.Module:
+    """Give a random-weight network batch-norm statistics from ``batches``; return it in eval mode.
+
+    In eval mode a freshly initialised network normalises with running mean 0 and variance 1, so its activations
+    shrink towards 0 (or blow up) layer after layer and its outputs are degenerate. Here every batch-norm layer
+    forgets its statistics and, alone in train mode (dropout and stochastic depth stay off), accumulates the plain
+    average over all of ``batches`` (momentum None). ``batches`` is an iterable of input batches or one batch.
+    """
+    if isinstance(batches, torch.Tensor):
+        batches = (batches,)
     model.eval()
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
+    for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
     with torch.no_grad():
         for batch in batches:
             model(batch)
-    model.eval()
+    return model.eval()
 
 
 def _image_cells(lb: _Letterboxed, stride: int, ny: int, nx: int) -> torch.Tensor:
@@ -422,6 +432,7 @@ def _tune_detect_head(model: nn.Module, inputs: list[_Letterboxed], seed: int) -
 
 def _build_detector(spec: _SizeSpec, inputs: list[_Letterboxed], seed: int) -> nn.Module:
     """Build, calibrate and head-tune a 3-class YOLOv5 P6 detector."""
+    import yaml
     import yolov5
     from yolov5.models.yolo import Model
 
@@ -435,7 +446,7 @@ def _build_detector(spec: _SizeSpec, inputs: list[_Letterboxed], seed: int) -> n
         model = Model(cfg, ch=3)
     model.names = ["animal", "person", "vehicle"]
     step = max(1, len(inputs) // spec.batchnorm_images)
-    _calibrate_batchnorm(model, (lb.tensor for lb in inputs[::step][: spec.batchnorm_images]))
+    calibrate_batchnorm(model, (lb.tensor for lb in inputs[::step][: spec.batchnorm_images]))
     model.half().float()
     _tune_detect_head(model, inputs, seed)
     model.half().float()
@@ -601,6 +612,8 @@ def _inline_identity_initializers(model: onnx.ModelProto) -> None:
 
 def _export_graph_module(net: nn.Module) -> torch.fx.GraphModule:
     """Export an NHWC network to ONNX and convert it back with onnx2torch."""
+    import onnx2torch  # a SpeciesNet dependency, needed only here (calibrate_batchnorm runs without it)
+
     wrapped = _NHWC(net).eval()
     buf = io.BytesIO()
     with _quiet():
@@ -629,7 +642,7 @@ def _build_classifier(
     else:
         net = _TinyClassifier(len(labels))
     nchw = crops.permute(0, 3, 1, 2).contiguous()
-    _calibrate_batchnorm(net, iter(nchw[-n_batchnorm:].split(8)))
+    calibrate_batchnorm(net, nchw[-n_batchnorm:].split(8))
     _tune_classifier_head(net, nchw, labels, seed)
     gm = _export_graph_module(net)
     gm.eval()

@@ -1,0 +1,5 @@
+"""`python -m trapedge.runtime.cli`."""
+
+from . import main
+
+main()

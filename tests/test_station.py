@@ -1,0 +1,73 @@
+"""The library face: the README's example runs, and the CLI's outputs are the library's."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from trapedge.runtime.demo import build_demo_bundle, copy_samples
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def _readme_example() -> str:
+    section = README.read_text().split("## From Python", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_example_runs_on_the_demo_bundle(tmp_path: Path, monkeypatch, capsys) -> None:
+    bundle = build_demo_bundle(tmp_path / "artifacts" / "speciesnet")
+    card = copy_samples(tmp_path / "card")
+    code = (_readme_example().replace('"artifacts/speciesnet"', repr(str(bundle)))
+            .replace('"/media/SDCARD"', repr(str(card))).replace('country="NAM"', "country=None"))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    images, detections = (int(x) for x in printed[0].split()[:2])
+    out = tmp_path / "results" / "card-07"
+    document = json.loads((out / "predictions.json").read_text())
+    assert images == len(document["predictions"]) == 10
+    assert detections == sum(len(p.get("detections", [])) for p in document["predictions"])
+    assert (out / "camtrap-dp" / "deployments.csv").is_file()
+    recorded = document["info"]["trapedge"]["reclassification"]["stages"]["target_precision"]
+    assert recorded == pytest.approx(0.98)  # the reclassify call's override reached the outputs
+
+
+def test_report_matches_the_outputs_and_a_rerun_resumes(tmp_path: Path) -> None:
+    from trapedge.runtime import Station
+
+    bundle = build_demo_bundle(tmp_path / "bundle")
+    card = copy_samples(tmp_path / "card")
+    station = Station(bundle, device="cpu")
+    first = station.run(card, tmp_path / "out")
+    assert first.processed == first.images == 10 and not first.failed
+    document = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    labels: dict[str, int] = {}
+    for prediction in document["predictions"]:
+        for det in prediction.get("detections", []):
+            if "processed_classification" in det:
+                final = (det.get("reclassification") or det["processed_classification"])["class"]
+                labels[final.split(";")[-1]] = labels.get(final.split(";")[-1], 0) + 1
+    assert first.labels == labels
+    assert {"detect", "classify", "write"} <= set(first.timing)
+    assert {Path(p).name for p in first.written} >= {"predictions.json", "megadetector.json", "results.csv"}
+    again = station.run(card, tmp_path / "out")
+    assert again.processed == 0 and again.images == 10
+    assert json.loads(json.dumps(again.to_dict()))["images"] == 10
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path: Path) -> None:
+    from trapedge.runtime import Station
+
+    bundle = build_demo_bundle(tmp_path / "bundle")
+    with pytest.raises(ValueError, match="event-pooling"):
+        Station(bundle, stages={"decision": "calibrated"}, event_pooling=True)
+    with pytest.raises(ValueError, match="centroids"):
+        Station(bundle, centroids="bundle")
+    station = Station(bundle)
+    with pytest.raises(ValueError, match="not a folder"):
+        station.run(bundle / "manifest.json", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
