@@ -108,8 +108,15 @@ def test_bad_arguments_and_paths_end_in_one_line_exit_2(demo, bundle: Path, tmp_
         (["export", "speciesnet", tmp_path / "absent-model", "--bundle", tmp_path / "new"], "absent-model"),
         (["export", "encoder", "--bundle", no_manifest], "manifest"),
         (["demo", "--out", a_file / "demo"], "file.txt"),
+        (["export", "detector", tmp_path / "absent.pt", *b, "--model", "spruce"], "absent.pt"),
+        (["export", "detector", a_file, *b, "--model", "cedar"], "cedar"),
+        (["batch", tmp_path / "absent-season", *b, "--out", tmp_path / "season"], "absent-season"),
+        (["batch", card, *b, "--out", tmp_path / "season", "--chunk", "0"], "--chunk"),
+        (["bundle", "check", "--bundle", no_manifest], "manifest"),
         (["no-such-command"], "no-such-command"),
     ]
+    swept = {tuple(str(a) for a in args[:2]) for args, _ in cases} | {(str(args[0]),) for args, _ in cases}
+    assert set(_commands(app)) <= swept, set(_commands(app)) - swept
     for args, named in cases:
         code, printed = cli(capsys, *args)
         shown = " ".join(str(a) for a in args)
