@@ -11,7 +11,7 @@ The critical path: decoding and letterboxing run in `--workers` threads while th
 classifies, embeds and stores, so a run can be no shorter than max(main-thread work, decode work / workers). A
 pipelined run close to that bound hides decoding; the serial run (one worker, chunk 1) adds them up.
 
-    python benchmarks/pipeline.py [--images 200] [--rss-sizes 300 3000 10000] [--bundle B]
+    python benchmarks/pipeline.py [--images 200] [--rss-sizes 300 3000 10000] [--bundle B] [--rss-from JSON]
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, help="bundle to run (default: the demo bundle, built here)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/trapedge-pipeline"))
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for pipeline.json and .md")
+    parser.add_argument("--rss-from", type=Path, help="take the RSS series from an earlier pipeline.json (the long "
+                                                      "runs), timing the serial and pipelined runs afresh")
     args = parser.parse_args()
     from trapedge.runtime.demo import build_demo_bundle
 
@@ -97,8 +99,8 @@ def main() -> None:
     serial = run_child(bundle, card, args.work / "out-serial", 1, 1)
     piped = run_child(bundle, card, args.work / "out-piped", 2, 8)
     paths = {"serial": critical_path(serial, 1), "pipelined": critical_path(piped, 2)}
-    rss = {}
-    for size in args.rss_sizes:
+    rss = json.loads(args.rss_from.read_text())["peak_rss_by_size"] if args.rss_from else {}
+    for size in [] if args.rss_from else args.rss_sizes:
         grown = run_child(bundle, make_card(args.work / f"card-{size}", size), args.work / f"out-{size}", 2, 8)
         rss[size] = {"peak_rss_mib": grown["peak_rss_mib"], "wall_s": grown["wall_s"],
                      "detections": grown["detections"]}

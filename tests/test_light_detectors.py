@@ -265,3 +265,7 @@ def test_spruce_bundle_runs_end_to_end(bundle_copy: Path, photos: list[Path], tm
             compared += 1
     print(f"spruce run: {compared} boxes against PTDetector, {classified} classified by SpeciesNet's ensemble")
     assert compared >= 50 and classified >= 3
+    info = json.loads((out / "megadetector.json").read_text())["info"]
+    assert info["detector"].startswith("md_v1000.0.0-spruce ")
+    assert info["detector_metadata"] == {"megadetector_version": "v1000.0.0-spruce",
+                                         "typical_detection_threshold": 0.3}  # none conservative published
