@@ -55,17 +55,29 @@ def _axis_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, 
 def resize_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """Bilinear resize to float32, no antialias, as torch's upsample_bilinear2d on `image / 255` (uint8 HWC in).
 
-    Pixels are gathered as uint8 and scaled after, so only the 4 x out_h x out_w samples are converted.
+    Pixels are gathered as uint8 and scaled after, so only the 4 x out_h x out_w samples are converted; the
+    arithmetic runs in place (the same operations in the same order, so the same bits, with fewer temporaries).
     """
     y0, y1, ly1 = _axis_weights(image.shape[0], out_h)
     x0, x1, lx1 = _axis_weights(image.shape[1], out_w)
     ly0, lx0 = np.float32(1) - ly1, np.float32(1) - lx1
     lx0, lx1 = lx0[None, :, None], lx1[None, :, None]
     rows0, rows1 = image[y0], image[y1]
-    scale = lambda a: a.astype(np.float32) / np.float32(255)  # noqa: E731
-    top = scale(rows0[:, x0]) * lx0 + scale(rows0[:, x1]) * lx1
-    bottom = scale(rows1[:, x0]) * lx0 + scale(rows1[:, x1]) * lx1
-    return top * ly0[:, None, None] + bottom * ly1[:, None, None]
+
+    def weighted(rows: np.ndarray, columns: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        sample = rows[:, columns].astype(np.float32)
+        sample /= np.float32(255)
+        sample *= weight
+        return sample
+
+    top = weighted(rows0, x0, lx0)
+    top += weighted(rows0, x1, lx1)
+    bottom = weighted(rows1, x0, lx0)
+    bottom += weighted(rows1, x1, lx1)
+    top *= ly0[:, None, None]
+    bottom *= ly1[:, None, None]
+    top += bottom
+    return top
 
 
 def preprocess_crop(image: np.ndarray, bbox: Sequence[float]) -> Optional[np.ndarray]:
@@ -78,7 +90,8 @@ def preprocess_crop(image: np.ndarray, bbox: Sequence[float]) -> Optional[np.nda
     if region is None:
         return None
     resized = resize_bilinear(region, CROP_SIZE, CROP_SIZE)
-    return (resized * _UINT8_SCALE).astype(np.uint8)
+    resized *= _UINT8_SCALE
+    return resized.astype(np.uint8)
 
 
 def to_network_input(crops: list[np.ndarray]) -> np.ndarray:
