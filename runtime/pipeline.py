@@ -21,6 +21,7 @@ from .speciesnet.ensemble import (
     DEFAULT_MAX_CLASSIFICATIONS_PER_DETECTION,
     NUM_CLASSIFICATIONS_FOR_ENSEMBLE,
     Classification,
+    Detection,
     Ensemble,
     Failure,
 )
@@ -268,7 +269,8 @@ class Runner:
         for work, result in zip(chunk, results):
             wanted = [i for i, det in enumerate(result.prediction.get("detections") or [])
                       if "processed_classification" in det
-                      and needs_embedding(det["processed_classification"]["class"])]
+                      and needs_embedding(det["processed_classification"]["class"])
+                      and Detection.from_category(str(det.get("category"))) != Detection.HUMAN]
             if not wanted:
                 continue
             detections = result.prediction["detections"]

@@ -22,6 +22,7 @@ from .outputs import (
     Deployment, ImageInfo, write_camtrap_dp, write_flat_csv, write_images_csv, write_megadetector_json,
     write_predictions_json,
 )
+from .outputs.images import check_privacy, export_images
 from .outputs.store import STORE_NAME, Store
 from .outputs.video import aggregate_videos
 from .pipeline import MAX_SIDES, RunOptions, Runner
@@ -86,7 +87,7 @@ class Station:
                  country: Optional[str] = None, admin1: Optional[str] = None, geofence: bool = True,
                  stages: Union[StageConfig, dict, None] = None, centroids: str = "dump", event_pooling: bool = False,
                  burst_gap: float = DEFAULT_GAP_S, video_every: float = 1.0,
-                 video_every_frames: Optional[int] = None) -> None:
+                 video_every_frames: Optional[int] = None, privacy: str = "blur") -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         if geofence:
             country, admin1 = check_location(country, admin1, load_geofence(self.bundle.file("geofence")))
@@ -100,6 +101,7 @@ class Station:
                                   agreement_floor=agreement_floor, draft=draft, stages=self.config)
         self.centroids, self.event_pooling, self.burst_gap = centroids, event_pooling, burst_gap
         self.video_every, self.video_every_frames = video_every, video_every_frames
+        self.privacy = check_privacy(privacy)
         self.reclassifier()  # refuses bad pass-2 settings now, not after pass 1
         self._runner: Optional[Runner] = None
         self._providers: dict[str, list[str]] = {}
@@ -129,8 +131,8 @@ class Station:
     def run(self, card: Union[str, Path], out: Union[str, Path], *,
             deployment: Union[Deployment, dict, None] = None, reclassify: bool = True,
             formats: tuple[str, ...] = FORMATS, limit: Optional[int] = None, progress: Optional[Progress] = None,
-            log: Optional[Log] = None) -> RunReport:
-        """Pass 1 over every new or changed photo (resuming what `out` holds), pass 2, then every output."""
+            log: Optional[Log] = None, export_crops: bool = False) -> RunReport:
+        """Pass 1 over every new or changed photo (resuming what `out` holds), pass 2, every output, crops if asked."""
         card, out = Path(card), Path(out)
         if not card.is_dir():
             raise ValueError(f"{card}: not a folder; give the card's folder (a copy of the SD card or its mount)")
@@ -177,6 +179,8 @@ class Station:
             report.models = {name: {"seconds": meter.seconds,
                                     "calls": [{"inputs": dict(shapes), "count": n} for shapes, n in meter.calls.items()]}
                              for name, meter in self._runner.meters().items()}
+            if export_crops:
+                report.written += export_images(out, card, store.predictions(card), self.privacy)
             return report
         except (OSError, sqlite3.Error) as e:
             raise OSError(f"{out}: cannot write results ({_reason(e)}); what was committed is kept: free space or "

@@ -15,7 +15,7 @@ from rich.table import Table
 from ..card.bursts import DEFAULT_GAP_S
 from ..station import RunReport, Station, rerun_pass_two, write_outputs
 from .common import (
-    Centroids, Decision, Device, Format, Precision, Scoring, UserError, bundle_option, config_option, console,
+    Centroids, Decision, Device, Format, Precision, Privacy, Scoring, UserError, bundle_option, config_option, console,
     need_bundle, say, value, with_config,
 )
 
@@ -100,6 +100,10 @@ def run(
     stages_config: Optional[Path] = typer.Option(None, dir_okay=False, help="JSON file of stage settings.",
                                                  rich_help_panel=STAGES),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary.", rich_help_panel=OUTPUTS),
+    export_crops: bool = typer.Option(False, "--export-crops", help="Also write crops per label and thumbnails "
+                                      "with boxes (OUT/crops, OUT/thumbnails).", rich_help_panel=OUTPUTS),
+    privacy: Privacy = typer.Option("blur", help="People in exported images: blurred, filled, or the photo left "
+                                              "out; human crops are never written.", rich_help_panel=OUTPUTS),
 ) -> None:
     """Detect, classify and re-classify every photo on a card; write SpeciesNet, MegaDetector, Camtrap DP, CSV."""
     s = with_config(ctx, config, locals())
@@ -111,7 +115,7 @@ def run(
         stages=_stages(stages_config, scoring=scoring, tau_accept=tau_accept, lam=lam, margin=margin, n_min=n_min,
                        decision=s["decision"], target_precision=s["target_precision"]),
         centroids=value(s["centroids"]), event_pooling=event_pooling, burst_gap=s["burst_gap"],
-        video_every=s["video_every"], video_every_frames=s["video_every_frames"])
+        video_every=s["video_every"], video_every_frames=s["video_every_frames"], privacy=value(s["privacy"]))
     progress = Progress(TextColumn("[bold]images"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                         TimeRemainingColumn(), console=console, disable=quiet)
     task = progress.add_task("run", total=None, rate="", start=False)
@@ -125,7 +129,8 @@ def run(
 
     try:
         report = station.run(card, out, deployment=_deployment(s["timezone"], s["lat"], s["lon"], s["deployment_id"]),
-                             reclassify=reclassify_, progress=advance, log=(lambda m: None) if quiet else say)
+                             reclassify=reclassify_, progress=advance, log=(lambda m: None) if quiet else say,
+                             export_crops=export_crops)
     finally:
         if progress.live.is_started:
             progress.stop()

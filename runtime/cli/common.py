@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from ..models.backends import DEVICES, PRECISIONS
+from ..outputs.images import PRIVACY
 from ..reclassify.runner import CENTROID_SOURCES
 from ..reclassify.stages import DECISIONS, SCORING
 from ..station import FORMATS
@@ -39,6 +40,7 @@ Decision = _choices("Decision", DECISIONS)
 Scoring = _choices("Scoring", SCORING)
 Centroids = _choices("Centroids", CENTROID_SOURCES)
 Format = _choices("Format", FORMATS)
+Privacy = _choices("Privacy", PRIVACY)
 
 
 def value(choice: Any) -> Any:
@@ -55,7 +57,7 @@ def say(message: str) -> None:
 STATION_KEYS = (
     "bundle", "country", "admin1", "geofence", "timezone", "lat", "lon", "deployment_id",
     "device", "precision", "threads", "workers", "detector_batch", "classifier_batch", "draft", "agreement_floor",
-    "decision", "target_precision", "centroids", "burst_gap",
+    "decision", "target_precision", "centroids", "burst_gap", "privacy",
 )
 
 CONFIG_HELP = "Station config (TOML): defaults for bundle, location, deployment and speed options; flags win."
