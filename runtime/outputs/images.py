@@ -63,8 +63,10 @@ def is_human(det: dict) -> bool:
     if str(det.get("category")) == PERSON and float(det.get("conf", 1.0)) >= PERSON_FLOOR:
         return True
     processed = (det.get("processed_classification") or {}).get("class")
+    chosen = final(det)
+    relabel = chosen.label if chosen.stage != "detector" else None  # the detector's own category is handled above
     return any(label == Classification.HUMAN or observation_type(label, "") == "human"
-               for label in (processed, final(det).label) if label)
+               for label in (processed, relabel) if label)
 
 
 def labelled(det: dict) -> bool:
