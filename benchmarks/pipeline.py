@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,8 @@ def make_card(folder: Path, count: int) -> Path:
 
 
 def run_child(bundle: Path, card: Path, out: Path, workers: int, chunk: int) -> dict:
-    """One `Station.run` in a fresh process; its result and peak RSS."""
+    """One `Station.run` in a fresh process on a fresh output folder (never a resume); its result and peak RSS."""
+    shutil.rmtree(out, ignore_errors=True)
     proc = subprocess.run([sys.executable, "-c", CHILD, str(bundle), str(card), str(out), str(workers), str(chunk)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
