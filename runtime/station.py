@@ -279,10 +279,13 @@ def rerun_pass_two(out: Union[str, Path], bundle: Union[str, Path, Bundle, None]
 
 
 def write_outputs(out: Union[str, Path], formats: tuple[str, ...] = FORMATS,
-                  deployment: Union[Deployment, dict, None] = None) -> list[Path]:
-    """Re-writes result files from a run's store; a deployment given here (or amending the recorded one) is kept."""
+                  deployment: Union[Deployment, dict, None] = None, *, export_crops: bool = False,
+                  privacy: str = "blur") -> list[Path]:
+    """Re-writes result files from a run's store; a deployment given here (or amending the recorded one) is kept;
+    with `export_crops`, the crops and thumbnails too, people handled by `privacy`."""
     out = Path(out)
     _check_formats(formats)
+    check_privacy(privacy)
     store = _existing_store(out)
     try:
         card = Path(store.get_meta("dump_root") or out)
@@ -296,7 +299,10 @@ def write_outputs(out: Union[str, Path], formats: tuple[str, ...] = FORMATS,
         except (OSError, json.JSONDecodeError):
             info = {}
         info.pop("format_version", None)
-        return _write(store, card, out, store.predictions(card), info, formats)
+        written = _write(store, card, out, store.predictions(card), info, formats)
+        if export_crops:
+            written += export_images(out, card, store.predictions(card), privacy)
+        return written
     finally:
         store.close()
 

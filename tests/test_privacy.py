@@ -333,3 +333,16 @@ def test_person_boxes_count_from_the_conservative_threshold() -> None:
     assert is_human({"category": "2", "conf": 0.05, "bbox": [0, 0, 1, 1]})
     assert not is_human({"category": "2", "conf": 0.049, "bbox": [0, 0, 1, 1]})
     assert not is_human({"category": "1", "conf": 0.9, "bbox": [0, 0, 1, 1]})
+
+
+def test_export_results_exports_images_under_the_same_rules(runs: dict[str, Path], tmp_path: Path) -> None:
+    """A run made without --export-crops gets its images later, here with --privacy drop."""
+    out = Path(shutil.copytree(runs["blur"], tmp_path / "later"))
+    shutil.rmtree(out / THUMBNAILS)
+    shutil.rmtree(out / CROPS)
+    run_cli("export-results", str(out), "--format", "csv", "--export-crops", "--privacy", "drop")
+    predictions = _predictions(out)
+    with_people = {flat_name(p["key"]) for p in predictions if any(is_human(d) for d in p.get("detections") or [])}
+    thumbnails = {p.stem for p in (out / THUMBNAILS).glob("*.jpg")}
+    assert with_people and thumbnails and not thumbnails & with_people
+    assert thumbnails == {p.stem for p in (runs["drop"] / THUMBNAILS).glob("*.jpg")}

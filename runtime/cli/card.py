@@ -218,6 +218,9 @@ def export_results(
     lat: Optional[float] = typer.Option(None, help="Deployment latitude (remembered)."),
     lon: Optional[float] = typer.Option(None, help="Deployment longitude (remembered)."),
     deployment_id: Optional[str] = typer.Option(None, help="Deployment id (remembered); default: the card's name."),
+    export_crops: bool = typer.Option(False, "--export-crops", help="Also write crops per label and thumbnails."),
+    privacy: Privacy = typer.Option("blur", help="People in exported images: blurred, filled, or the photo left "
+                                                 "out."),
 ) -> None:
     """Re-write the result files from the run's store; a deployment given here is kept with the run."""
     from ..outputs.store import STORE_NAME, Store
@@ -230,7 +233,8 @@ def export_results(
         if not recorded:
             s = with_config(ctx, config, {"timezone": None, "lat": None, "lon": None, "deployment_id": None})
             deployment = _deployment(s["timezone"], s["lat"], s["lon"], s["deployment_id"])
-    for path in write_outputs(out, tuple(value(f) for f in format), deployment):
+    for path in write_outputs(out, tuple(value(f) for f in format), deployment, export_crops=export_crops,
+                              privacy=value(privacy)):
         say(f"wrote {path}")
 
 
