@@ -26,6 +26,7 @@ from onnx import helper
 from trapedge.runtime.speciesnet import classifier as cls_ops
 from trapedge.runtime.speciesnet import detector as det_ops
 from trapedge.runtime.models.bundle import MANIFEST, Bundle, sha256_file
+from trapedge.runtime.models.quantized import QUANTIZED
 from trapedge.runtime.demo import SAMPLE_DATA
 from trapedge.runtime.speciesnet.ensemble.vocabulary import DEFAULT_DETECTION_THRESHOLD_FOR_CLASSIFICATION
 from trapedge.runtime.card.ingest import ImageRecord, decode, scan
@@ -60,8 +61,8 @@ __all__ = [
 logger = logging.getLogger("trapedge.export")
 
 PRECISIONS = ("fp16", "int8")
-MODELS = ("classifier", "detector")
-FP16_MODELS = ("classifier",)  # the float16 converters mistype the detector's Detect-head Casts
+MODELS = tuple(QUANTIZED)  # the runtime's table of what this module makes, so the two cannot drift
+FP16_MODELS = tuple(m for m, made in QUANTIZED.items() if "fp16" in made)  # float16 converters mistype Detect Casts
 MAX_IR_VERSION = 9
 DEFAULT_FLOOR = 0.99
 # Entropy was chosen by measurement on the random-weight fixture models (benchmarks/int8.py, results/int8.md).

@@ -134,13 +134,10 @@ class Station:
             log: Optional[Log] = None, export_crops: bool = False) -> RunReport:
         """Pass 1 over every new or changed photo (resuming what `out` holds), pass 2, every output, crops if asked."""
         card, out = Path(card), Path(out)
-        if not card.is_dir():
-            raise ValueError(f"{card}: not a folder; give the card's folder (a copy of the SD card or its mount)")
         _check_formats(formats)
-        deployment = _deployment_values(deployment, card)
         log = log or logger.info
-        prepare_out(out)
-        store = _open_store(out, self.bundle, card)
+        store, records = self._begin(card, out, deployment)
+        log_to(out / LOG_NAME)
         try:
             for name, used in self.open().items():
                 log(f"{name}: {', '.join(used)}")
@@ -152,12 +149,7 @@ class Station:
             raise
         started = time.perf_counter()
         try:
-            self._runner.resume(store.degraded_counts(), store.coarse_sides(MAX_SIDES))
-            store.set_meta("pass2", json.dumps(self.settings))
-            store.set_meta("bundle_root", str(self.bundle.root.resolve()))
-            if deployment is not None:
-                store.set_meta("deployment", json.dumps(deployment))
-            records = list(scan(card, video_every=self.video_every, video_every_frames=self.video_every_frames))[:limit]
+            records = records[:limit]
             diff = store.diff(records)
             done = len(records) - len(diff.todo)
             if done or diff.vanished:
@@ -165,14 +157,10 @@ class Station:
                     f"changed, {len(diff.vanished)} vanished")
             for key in diff.vanished:
                 logger.warning("%s: vanished from the card since the last run; its results are kept", key)
-            processed = 0
             timer = self._runner.timer
-            for result in self._runner.process(diff.todo, card):
-                with timer.stage("store"):
-                    store.put(result)
-                processed += 1
-                if progress is not None:
-                    progress(processed, len(diff.todo))
+            processed = self.pass_one(card, diff.todo, store,
+                                      resume=(store.degraded_counts(), store.coarse_sides(MAX_SIDES)),
+                                      each=lambda done: progress(done, len(diff.todo)) if progress else None)
             reclassifier = self.reclassifier() if reclassify else None
             report = _finish(store, card, out, self.bundle, reclassifier, timer, self.burst_gap, formats,
                              processed, started, self._providers)
@@ -188,36 +176,41 @@ class Station:
         finally:
             store.close()
 
-
     def prepare(self, card: Union[str, Path], out: Union[str, Path], *,
                 deployment: Union[Deployment, dict, None] = None) -> tuple[list[ImageRecord], list[ImageRecord]]:
         """Readies `out` for a card as `run` does (store, settings, deployment); returns (all photos, photos to do).
 
         Batch runs call this, then `pass_one` per chunk into shards merged into the store, then `finish`.
         """
-        card, out = Path(card), Path(out)
+        store, records = self._begin(Path(card), Path(out), deployment)
+        try:
+            return records, store.diff(records).todo
+        finally:
+            store.close()
+
+    def _begin(self, card: Path, out: Path, deployment: Union[Deployment, dict, None]) -> tuple[Store, list]:
+        """Checks the card, readies `out` (log, stale temp files), opens its store, records this run's settings,
+        and scans the card; the caller closes the store."""
         if not card.is_dir():
             raise ValueError(f"{card}: not a folder; give the card's folder (a copy of the SD card or its mount)")
         if not os.access(card, os.R_OK | os.X_OK):
             raise ValueError(f"{card}: not readable (permission denied)")
         deployment = _deployment_values(deployment, card)
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp"):
-            stale.unlink()
+        _clear_out(out)
         store = _open_store(out, self.bundle, card)
         try:
             store.set_meta("pass2", json.dumps(self.settings))
             store.set_meta("bundle_root", str(self.bundle.root.resolve()))
             if deployment is not None:
                 store.set_meta("deployment", json.dumps(deployment))
-            records = list(scan(card, video_every=self.video_every, video_every_frames=self.video_every_frames))
-            return records, store.diff(records).todo
-        finally:
+            return store, list(scan(card, video_every=self.video_every, video_every_frames=self.video_every_frames))
+        except BaseException:
             store.close()
+            raise
 
     def pass_one(self, card: Union[str, Path], records: list[ImageRecord], store: Store, *,
                  resume: tuple[dict[str, int], list[float]] = ({}, []),
-                 each: Optional[Callable[[], None]] = None) -> int:
+                 each: Optional[Callable[[int], None]] = None) -> int:
         """Pass 1 over the given photos into the given store (a chunk's shard), from the card's sampler state."""
         self.open()
         self._runner.resume(*resume)
@@ -227,7 +220,7 @@ class Station:
                 store.put(result)
             done += 1
             if each is not None:
-                each()
+                each(done)
         return done
 
     def finish(self, card: Union[str, Path], out: Union[str, Path], *, reclassify: bool = True,
@@ -280,15 +273,18 @@ def rerun_pass_two(out: Union[str, Path], bundle: Union[str, Path, Bundle, None]
 
 def write_outputs(out: Union[str, Path], formats: tuple[str, ...] = FORMATS,
                   deployment: Union[Deployment, dict, None] = None, *, export_crops: bool = False,
-                  privacy: str = "blur") -> list[Path]:
-    """Re-writes result files from a run's store; a deployment given here (or amending the recorded one) is kept;
-    with `export_crops`, the crops and thumbnails too, people handled by `privacy`."""
+                  privacy: str = "blur", fallback: Union[Deployment, dict, None] = None) -> list[Path]:
+    """Re-writes result files from a run's store; a deployment given here (or amending the recorded one) is kept,
+    `fallback` (a station's default) only when the run recorded none; with `export_crops`, the crops and
+    thumbnails too, people handled by `privacy`."""
     out = Path(out)
     _check_formats(formats)
     check_privacy(privacy)
     store = _existing_store(out)
     try:
         card = Path(store.get_meta("dump_root") or out)
+        if deployment is None and not store.get_meta("deployment"):
+            deployment = fallback
         if deployment is not None:
             given = asdict(deployment) if isinstance(deployment, Deployment) else dict(deployment)
             values = {**json.loads(store.get_meta("deployment") or "{}"),
@@ -299,9 +295,10 @@ def write_outputs(out: Union[str, Path], formats: tuple[str, ...] = FORMATS,
         except (OSError, json.JSONDecodeError):
             info = {}
         info.pop("format_version", None)
-        written = _write(store, card, out, store.predictions(card), info, formats)
+        predictions = store.predictions(card)
+        written = _write(store, card, out, predictions, info, formats)
         if export_crops:
-            written += export_images(out, card, store.predictions(card), privacy)
+            written += export_images(out, card, predictions, privacy)
         return written
     finally:
         store.close()
@@ -331,12 +328,11 @@ def run_references(outdir: Union[str, Path], config: StageConfig) -> tuple[np.nd
     return vectors[picked], labels
 
 
-def prepare_out(out: Path) -> None:
-    """Creates the output folder, clears temporary files a power cut left, and logs there."""
+def _clear_out(out: Path) -> None:
+    """Creates the output folder and clears the temporary files a power cut left (the real files are intact)."""
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):
-        stale.unlink()  # left by a write that a power cut interrupted; the real file is intact
-    log_to(out / LOG_NAME)
+        stale.unlink()
 
 
 def log_to(path: Path) -> None:

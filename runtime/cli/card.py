@@ -223,18 +223,10 @@ def export_results(
                                                  "out."),
 ) -> None:
     """Re-write the result files from the run's store; a deployment given here is kept with the run."""
-    from ..outputs.store import STORE_NAME, Store
-
-    deployment = _deployment(timezone, lat, lon, deployment_id)
-    if deployment is None and config is not None and (out / STORE_NAME).is_file():
-        store = Store(out / STORE_NAME)
-        recorded = store.get_meta("deployment")
-        store.close()
-        if not recorded:
-            s = with_config(ctx, config, {"timezone": None, "lat": None, "lon": None, "deployment_id": None})
-            deployment = _deployment(s["timezone"], s["lat"], s["lon"], s["deployment_id"])
-    for path in write_outputs(out, tuple(value(f) for f in format), deployment, export_crops=export_crops,
-                              privacy=value(privacy)):
+    s = with_config(ctx, config, {"timezone": None, "lat": None, "lon": None, "deployment_id": None})
+    for path in write_outputs(out, tuple(value(f) for f in format), _deployment(timezone, lat, lon, deployment_id),
+                              export_crops=export_crops, privacy=value(privacy),
+                              fallback=_deployment(s["timezone"], s["lat"], s["lon"], s["deployment_id"])):
         say(f"wrote {path}")
 
 
@@ -284,8 +276,10 @@ def bench(
     providers = station.open()
     with tempfile.TemporaryDirectory(prefix="trapedge-bench-") as scratch:
         report = station.run(card, Path(scratch) / "out", limit=images, log=lambda m: None)
-    logging.getLogger("trapedge").handlers[:] = [h for h in logging.getLogger("trapedge").handlers
-                                                 if not getattr(h, "baseFilename", "").startswith(scratch)]
+    for handler in [h for h in logging.getLogger("trapedge").handlers if getattr(h, "baseFilename", "")
+                    .startswith(scratch)]:
+        logging.getLogger("trapedge").removeHandler(handler)  # its folder is gone
+        handler.close()
     overlapped = {"decode", "letterbox", "load_models"}  # decode runs in worker threads, overlapping the rest
     timed = sum(v["total_ms"] for k, v in report.timing.items() if k not in overlapped) / 1000.0
     result = {"images": report.processed, "wall_s": report.seconds,

@@ -79,7 +79,7 @@ def write_shard(station, job: ChunkJob) -> int:
         leftover.unlink(missing_ok=True)
     store = Store(temp)
     try:
-        done = station.pass_one(job.card, list(job.records), store, resume=resume, each=lambda: checkpoint("chunk"))
+        done = station.pass_one(job.card, list(job.records), store, resume=resume, each=lambda _done: checkpoint("chunk"))
     finally:
         store.close()
     os.replace(temp, final)
