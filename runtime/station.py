@@ -23,6 +23,7 @@ from .outputs import (
     write_predictions_json,
 )
 from .outputs.images import check_privacy, export_images
+from .outputs.report import REPORT_NAME, write_report
 from .outputs.store import STORE_NAME, Store
 from .outputs.video import aggregate_videos
 from .pipeline import MAX_SIDES, RunOptions, Runner
@@ -37,7 +38,7 @@ __all__ = ["FORMATS", "RunReport", "Station", "open_bundle", "rerun_pass_two", "
 
 logger = logging.getLogger("trapedge")
 
-FORMATS = ("speciesnet", "megadetector", "camtrap-dp", "csv")
+FORMATS = ("speciesnet", "megadetector", "camtrap-dp", "csv", "report")
 LOG_NAME = "trapedge.log"
 
 Progress = Callable[[int, int], None]
@@ -163,7 +164,7 @@ class Station:
                                       each=lambda done: progress(done, len(diff.todo)) if progress else None)
             reclassifier = self.reclassifier() if reclassify else None
             report = _finish(store, card, out, self.bundle, reclassifier, timer, self.burst_gap, formats,
-                             processed, started, self._providers)
+                             processed, started, self._providers, self.privacy)
             report.models = {name: {"seconds": meter.seconds,
                                     "calls": [{"inputs": dict(shapes), "count": n} for shapes, n in meter.calls.items()]}
                              for name, meter in self._runner.meters().items()}
@@ -201,6 +202,7 @@ class Station:
         try:
             store.set_meta("pass2", json.dumps(self.settings))
             store.set_meta("bundle_root", str(self.bundle.root.resolve()))
+            store.set_meta("privacy", self.privacy)
             if deployment is not None:
                 store.set_meta("deployment", json.dumps(deployment))
             return store, list(scan(card, video_every=self.video_every, video_every_frames=self.video_every_frames))
@@ -233,7 +235,7 @@ class Station:
         try:
             reclassifier = self.reclassifier() if reclassify else None
             return _finish(store, card, out, self.bundle, reclassifier, StageTimer(), self.burst_gap, formats, 0,
-                           time.perf_counter(), self._providers)
+                           time.perf_counter(), self._providers, self.privacy)
         except (OSError, sqlite3.Error) as e:
             raise OSError(f"{out}: cannot write results ({_reason(e)})") from e
         finally:
@@ -265,23 +267,26 @@ def rerun_pass_two(out: Union[str, Path], bundle: Union[str, Path, Bundle, None]
         settings.update({k: v for k, v in overrides.items() if v is not None})
         station = Station(loaded, stages=stage_config(loaded, stages), device="cpu", **settings)
         card = Path(store.get_meta("dump_root") or out)
-        return _finish(store, card, out, loaded, station.reclassifier(), StageTimer(), station.burst_gap, FORMATS,
-                       0, time.perf_counter(), {})
+        formats = FORMATS if (out / REPORT_NAME).exists() else tuple(f for f in FORMATS if f != "report")
+        return _finish(store, card, out, loaded, station.reclassifier(), StageTimer(), station.burst_gap, formats,
+                       0, time.perf_counter(), {}, _recorded_privacy(store))
     finally:
         store.close()
 
 
 def write_outputs(out: Union[str, Path], formats: tuple[str, ...] = FORMATS,
                   deployment: Union[Deployment, dict, None] = None, *, export_crops: bool = False,
-                  privacy: str = "blur", fallback: Union[Deployment, dict, None] = None) -> list[Path]:
+                  privacy: Optional[str] = None, fallback: Union[Deployment, dict, None] = None) -> list[Path]:
     """Re-writes result files from a run's store; a deployment given here (or amending the recorded one) is kept,
     `fallback` (a station's default) only when the run recorded none; with `export_crops`, the crops and
-    thumbnails too, people handled by `privacy`."""
+    thumbnails too; people in exported images handled by `privacy` (default: as the run did, else blur)."""
     out = Path(out)
     _check_formats(formats)
-    check_privacy(privacy)
+    if privacy is not None:
+        check_privacy(privacy)
     store = _existing_store(out)
     try:
+        privacy = privacy or _recorded_privacy(store)
         card = Path(store.get_meta("dump_root") or out)
         if deployment is None and not store.get_meta("deployment"):
             deployment = fallback
@@ -296,7 +301,7 @@ def write_outputs(out: Union[str, Path], formats: tuple[str, ...] = FORMATS,
             info = {}
         info.pop("format_version", None)
         predictions = store.predictions(card)
-        written = _write(store, card, out, predictions, info, formats)
+        written = _write(store, card, out, predictions, info, formats, privacy=privacy)
         if export_crops:
             written += export_images(out, card, predictions, privacy)
         return written
@@ -377,6 +382,11 @@ def _deployment_values(deployment: Union[Deployment, dict, None], card: Path) ->
     return {k: v for k, v in values.items() if v is not None}
 
 
+def _recorded_privacy(store: Store) -> str:
+    """The privacy mode the run recorded (runs before privacy existed: blur)."""
+    return store.get_meta("privacy") or "blur"
+
+
 def _existing_store(out: Path) -> Store:
     if not (out / STORE_NAME).is_file():
         raise ValueError(f"{out}: no {STORE_NAME}; run `trapedge run` first")
@@ -398,7 +408,7 @@ def _open_store(out: Path, bundle: Bundle, card: Path) -> Store:
 
 def _finish(store: Store, card: Path, out: Path, bundle: Bundle, reclassifier: Optional[Reclassifier],
             timer: StageTimer, burst_gap: float, formats: tuple[str, ...], processed: int, started: float,
-            providers: dict) -> RunReport:
+            providers: dict, privacy: str = "blur") -> RunReport:
     """Pass 2 over everything in the store, then the outputs, then the report."""
     predictions = store.predictions(card)
     images = store.images(card)
@@ -418,7 +428,8 @@ def _finish(store: Store, card: Path, out: Path, bundle: Bundle, reclassifier: O
         with timer.stage("store"):
             store.save_predictions(predictions, card)
     with timer.stage("write"):
-        written = _write(store, card, out, predictions, run_info(bundle, reclassifier), formats, images)
+        written = _write(store, card, out, predictions, run_info(bundle, reclassifier), formats, images,
+                         privacy=privacy)
     return _report(out, predictions, images, processed, time.perf_counter() - started, timer, providers,
                    reclassifier, written)
 
@@ -451,7 +462,7 @@ def _deployment(store: Store, card: Path) -> Optional[Deployment]:
 
 
 def _write(store: Store, card: Path, out: Path, predictions: list[dict], info: dict, formats: tuple[str, ...],
-           images: Optional[list[dict]] = None) -> list[Path]:
+           images: Optional[list[dict]] = None, *, privacy: str = "blur") -> list[Path]:
     """Writes the requested formats from the store, each atomically; returns what was written."""
     images = images if images is not None else store.images(card)
     predictions, images = aggregate_videos(predictions, images)
@@ -476,6 +487,8 @@ def _write(store: Store, card: Path, out: Path, predictions: list[dict], info: d
             (out / "camtrap-dp").mkdir(exist_ok=True)
             write_camtrap_dp(out / "camtrap-dp", predictions, infos, deployment, info=info)
             written.append(out / "camtrap-dp")
+    if "report" in formats:
+        written.append(write_report(out / REPORT_NAME, predictions, images, info, card, privacy=privacy))
     return written
 
 

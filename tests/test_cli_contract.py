@@ -87,6 +87,8 @@ def test_bad_arguments_and_paths_end_in_one_line_exit_2(demo, bundle: Path, tmp_
         (["export-results", out, "--format", "xml"], "xml"),
         (["export-results", out, "--format", "camtrap-dp"], "--timezone"),
         (["export-results", out, "--timezone", "Mars/Base", "--lat", "1", "--lon", "2"], "Mars/Base"),
+        (["report", tmp_path], "results.sqlite"),
+        (["report", out, "--privacy", "pixelate"], "pixelate"),
         (["evaluate", tmp_path, "--truth", tmp_path / "truth.csv"], "predictions.json"),
         (["evaluate", out, "--truth", tmp_path / "absent.csv"], "absent.csv"),
         (["evaluate", out, "--truth", tmp_path / "truth.csv"], "truth.csv"),

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from trapedge.runtime.models.bundle import sha256_file
 from trapedge.runtime.outputs.images import (
     CROPS, LINE, THUMBNAILS, caption, check_privacy, flat_name, is_human, label_rect, pixel_box,
 )
+from trapedge.runtime.outputs.report import REPORT_NAME
 from trapedge.runtime.outputs.store import STORE_NAME, Store
 from trapedge.runtime.outputs.taxa import common_name, final
 from trapedge.runtime.speciesnet.ensemble import Classification
@@ -173,44 +178,72 @@ def test_the_person_bundle_gives_people_of_both_kinds(runs: dict[str, Path]) -> 
     assert any(p.get("detections") and not any(is_human(d) for d in p["detections"]) for p in predictions)
 
 
+def _check_thumbnail(exported: Image.Image, card: Path, prediction: dict, label: str) -> tuple[int, int]:
+    """Asserts every human box of an exported thumbnail is below 5% of the photo's edge energy and variance there,
+    and every other labelled box keeps half of its edge energy; returns how many of each were measured."""
+    detections = prediction.get("detections") or []
+    original = _photo(card, prediction["key"])
+    original.thumbnail((exported.width, exported.height), Image.LANCZOS)
+    assert original.size == exported.size
+    after, before = _grey(exported), _grey(original)
+    drawn = _drawn(after.shape, detections)
+    human_rects = [pixel_box(d["bbox"], exported.width, exported.height) for d in detections if is_human(d)]
+    humans = kept = 0
+    for rect in human_rects:
+        mask = _rect_mask(after.shape, rect, MARGIN) & ~drawn
+        if mask.sum() < MIN_PIXELS:
+            continue
+        edge = _edge(after, mask) / _edge(before, mask)
+        variance = after[mask].var() / before[mask].var()
+        MEASURED.setdefault(f"{label} human edge ratio", []).append(edge)
+        MEASURED.setdefault(f"{label} human variance ratio", []).append(variance)
+        assert edge < EDGE_RATIO and variance < VARIANCE_RATIO, (prediction["key"], rect, edge, variance)
+        humans += 1
+    for det in detections:
+        rect = pixel_box(det["bbox"], exported.width, exported.height)
+        if is_human(det) or caption(det) is None or any(_overlaps(rect, h) for h in human_rects):
+            continue
+        mask = _rect_mask(after.shape, rect, MARGIN) & ~drawn
+        if mask.sum() < MIN_PIXELS:
+            continue
+        edge = _edge(after, mask) / _edge(before, mask)
+        MEASURED.setdefault(f"{label} animal edge ratio", []).append(edge)
+        assert edge > KEPT_RATIO, (prediction["key"], rect, edge)
+        kept += 1
+    return humans, kept
+
+
 @pytest.mark.parametrize("mode", ["blur", "box"])
 def test_people_in_thumbnails_carry_no_detail_and_animals_keep_theirs(runs: dict[str, Path], card: Path,
                                                                      mode: str) -> None:
     """Inside every human box of every thumbnail, edge energy and variance fall below 5% of the photo's."""
     humans = kept = 0
     for prediction in _predictions(runs[mode]):
-        detections = prediction.get("detections") or []
-        if not detections:
+        if not prediction.get("detections"):
             continue
         exported = Image.open(runs[mode] / THUMBNAILS / f"{flat_name(prediction['key'])}.jpg")
-        original = _photo(card, prediction["key"])
-        original.thumbnail((exported.width, exported.height), Image.LANCZOS)
-        assert original.size == exported.size
-        after, before = _grey(exported), _grey(original)
-        drawn = _drawn(after.shape, detections)
-        human_rects = [pixel_box(d["bbox"], exported.width, exported.height) for d in detections if is_human(d)]
-        for rect in human_rects:
-            mask = _rect_mask(after.shape, rect, MARGIN) & ~drawn
-            if mask.sum() < MIN_PIXELS:
-                continue
-            edge = _edge(after, mask) / _edge(before, mask)
-            variance = after[mask].var() / before[mask].var()
-            MEASURED.setdefault(f"{mode} thumbnail human edge ratio", []).append(edge)
-            MEASURED.setdefault(f"{mode} thumbnail human variance ratio", []).append(variance)
-            assert edge < EDGE_RATIO and variance < VARIANCE_RATIO, (prediction["key"], rect, edge, variance)
-            humans += 1
-        for det in detections:
-            rect = pixel_box(det["bbox"], exported.width, exported.height)
-            if is_human(det) or caption(det) is None or any(_overlaps(rect, h) for h in human_rects):
-                continue
-            mask = _rect_mask(after.shape, rect, MARGIN) & ~drawn
-            if mask.sum() < MIN_PIXELS:
-                continue
-            edge = _edge(after, mask) / _edge(before, mask)
-            MEASURED.setdefault(f"{mode} thumbnail animal edge ratio", []).append(edge)
-            assert edge > KEPT_RATIO, (prediction["key"], rect, edge)
-            kept += 1
+        measured = _check_thumbnail(exported, card, prediction, f"{mode} thumbnail")
+        humans, kept = humans + measured[0], kept + measured[1]
     assert humans >= 3 and kept >= 10, (humans, kept)
+
+
+@pytest.mark.parametrize("mode", ["blur", "box", "drop"])
+def test_people_in_the_report_carry_no_detail_or_are_left_out(runs: dict[str, Path], card: Path, mode: str) -> None:
+    """report.html's thumbnails (data URIs) meet the same bound; under drop none shows a photo with a person."""
+    page = (runs[mode] / REPORT_NAME).read_text()
+    found = re.findall(r'<img src="data:image/jpeg;base64,([^"]+)" data-key="([^"]+)"', page)
+    by_key = {p["key"]: p for p in _predictions(runs[mode])}
+    humans = shown = 0
+    for data, key in found:
+        prediction = by_key[html.unescape(key)]
+        with_people = any(is_human(d) for d in prediction["detections"])
+        assert not (mode == "drop" and with_people), key
+        exported = Image.open(io.BytesIO(base64.b64decode(data)))
+        humans += _check_thumbnail(exported, card, prediction, f"{mode} report")[0]
+        shown += with_people
+    assert len(found) >= 3
+    if mode != "drop":
+        assert shown >= 1 and humans >= 1, (shown, humans)
 
 
 @pytest.mark.parametrize("mode", ["blur", "box"])

@@ -152,6 +152,27 @@ def test_predictions_json_has_one_prediction_per_video_with_the_deciding_frame(v
     assert all(rows[video]["status"] == "ok" for video in GOOD) and len(rows) == len(by_file)
 
 
+def test_the_report_counts_each_video_once_and_shows_its_deciding_frame(video_run) -> None:
+    """report.html: 7 media of which 5 videos (3 good, 2 failed), a thumbnail decoded from a video's frame."""
+    import base64
+    import html
+    import io
+    import re
+
+    from PIL import Image
+
+    card, out = video_run
+    page = (out / "report.html").read_text()
+    assert re.search(r'<b id="media-count">7</b>media \(5 videos\)', page)
+    assert re.search(r'<tr data-kind="failed"><td>failed</td><td class="n">2</td>', page)
+    shown = {html.unescape(key): data for data, key in
+             re.findall(r'<img src="data:image/jpeg;base64,([^"]+)" data-key="([^"]+)"', page)}
+    videos = [key for key in shown if key in GOOD]
+    assert videos, sorted(shown)
+    thumb = Image.open(io.BytesIO(base64.b64decode(shown[videos[0]])))
+    assert thumb.width == 320 and abs(thumb.height / thumb.width - SIZE[1] / SIZE[0]) < 0.02
+
+
 def test_camtrap_dp_has_one_media_row_per_video_and_validates(video_run) -> None:
     _, out = video_run
     errors, _ = _validate(out / "camtrap-dp" / "datapackage.json")

@@ -35,6 +35,7 @@ engines_app = typer.Typer(help="TensorRT engines for this GPU (needs TensorRT an
 app.command("run")(card.run)
 app.command("reclassify")(card.reclassify_cmd)
 app.command("export-results")(card.export_results)
+app.command("report")(card.report_cmd)
 app.command("evaluate")(card.evaluate_cmd)
 app.command("bench")(card.bench)
 app.command("demo")(card.demo)

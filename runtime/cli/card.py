@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..card.bursts import DEFAULT_GAP_S
-from ..station import RunReport, Station, rerun_pass_two, write_outputs
+from ..station import FORMATS, RunReport, Station, rerun_pass_two, write_outputs
 from .common import (
     Centroids, Decision, Device, Format, Precision, Privacy, Scoring, UserError, bundle_option, config_option, console,
     need_bundle, say, value, with_config,
@@ -104,6 +104,8 @@ def run(
                                       "with boxes (OUT/crops, OUT/thumbnails).", rich_help_panel=OUTPUTS),
     privacy: Privacy = typer.Option("blur", help="People in exported images: blurred, filled, or the photo left "
                                               "out; human crops are never written.", rich_help_panel=OUTPUTS),
+    report_: bool = typer.Option(True, "--report/--no-report", help="Write OUT/report.html, a page to look at "
+                                 "(counts, activity, thumbnails).", rich_help_panel=OUTPUTS),
 ) -> None:
     """Detect, classify and re-classify every photo on a card; write SpeciesNet, MegaDetector, Camtrap DP, CSV."""
     s = with_config(ctx, config, locals())
@@ -130,7 +132,8 @@ def run(
     try:
         report = station.run(card, out, deployment=_deployment(s["timezone"], s["lat"], s["lon"], s["deployment_id"]),
                              reclassify=reclassify_, progress=advance, log=(lambda m: None) if quiet else say,
-                             export_crops=export_crops)
+                             export_crops=export_crops,
+                             formats=FORMATS if report_ else tuple(f for f in FORMATS if f != "report"))
     finally:
         if progress.live.is_started:
             progress.stop()
@@ -219,14 +222,25 @@ def export_results(
     lon: Optional[float] = typer.Option(None, help="Deployment longitude (remembered)."),
     deployment_id: Optional[str] = typer.Option(None, help="Deployment id (remembered); default: the card's name."),
     export_crops: bool = typer.Option(False, "--export-crops", help="Also write crops per label and thumbnails."),
-    privacy: Privacy = typer.Option("blur", help="People in exported images: blurred, filled, or the photo left "
-                                                 "out."),
+    privacy: Optional[Privacy] = typer.Option(None, help="People in exported images: blurred, filled, or the "
+                                                         "photo left out (default: as the run did).",
+                                              show_default=False),
 ) -> None:
     """Re-write the result files from the run's store; a deployment given here is kept with the run."""
     s = with_config(ctx, config, {"timezone": None, "lat": None, "lon": None, "deployment_id": None})
     for path in write_outputs(out, tuple(value(f) for f in format), _deployment(timezone, lat, lon, deployment_id),
-                              export_crops=export_crops, privacy=value(privacy),
+                              export_crops=export_crops, privacy=value(privacy) if privacy else None,
                               fallback=_deployment(s["timezone"], s["lat"], s["lon"], s["deployment_id"])):
+        say(f"wrote {path}")
+
+
+def report_cmd(
+    out: Path = typer.Argument(..., help="Output folder of a run.", show_default=False),
+    privacy: Optional[Privacy] = typer.Option(None, help="People in the thumbnails: blurred, filled, or the photo "
+                                                         "left out (default: as the run did).", show_default=False),
+) -> None:
+    """Write OUT/report.html: one offline page with species, activity, folders, pass-2 changes and thumbnails."""
+    for path in write_outputs(out, ("report",), privacy=value(privacy) if privacy else None):
         say(f"wrote {path}")
 
 
@@ -320,6 +334,7 @@ def demo(out: Path = typer.Option(Path("trapedge-demo"), "--out", "-o",
                          deployment={"timezone": "UTC", "latitude": 0.0, "longitude": 0.0,
                                      "deployment_id": "trapedge-demo"})
     summary(report)
+    say(f"Open {out / 'results' / 'report.html'} in a browser to look at the results.")
     say("For real results, export SpeciesNet's weights on a workstation with the export extra:\n"
         "  trapedge export speciesnet kaggle:google/speciesnet/pyTorch/v4.0.3a/1 --bundle artifacts/speciesnet\n"
         "  trapedge export encoder --bundle artifacts/speciesnet --model ViT-L-14 --pretrained openai\n"

@@ -29,6 +29,7 @@ __all__ = [
     "is_human",
     "label_rect",
     "labelled",
+    "load_media",
     "pixel_box",
     "protect",
     "thumbnail",
@@ -165,7 +166,7 @@ def _jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _load(card: Path, key: str) -> Optional[Image.Image]:
+def load_media(card: Path, key: str) -> Optional[Image.Image]:
     """The photo or video frame decoded as for inference (EXIF orientation applied), or None if unreadable now."""
     parsed = parse_frame_key(key)
     path = card / (parsed[0] if parsed else key)
@@ -196,7 +197,7 @@ def export_images(out: Path, card: Path, predictions: list[dict], privacy: str =
         if humans and privacy == "drop":
             continue
         key = Path(prediction["filepath"]).relative_to(card).as_posix()
-        image = _load(card, key)
+        image = load_media(card, key)
         if image is None:
             continue
         safe = protect(image, humans, privacy)
