@@ -243,7 +243,7 @@ def _charts(summary: dict) -> dict[str, Optional[str]]:
     dates = summary["dates"]
     return {
         "species": charts.bar_chart([r["name"] for r in species], [r["detections"] for r in species],
-                                    title="Detections per species", horizontal=True, value_label="detections"),
+                                    title="Detections per label", horizontal=True, value_label="detections"),
         "hours": charts.bar_chart([f"{h:02d}" for h in range(24)], summary["hours"],
                                   title="Media with animals by hour of day (camera clock)",
                                   value_label="media") if any(summary["hours"]) else None,
