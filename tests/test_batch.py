@@ -6,10 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,9 @@ def assert_same_as_run(season: Path, reference: Path, names) -> None:
         assert len(keys) == len(set(keys)) == CARDS.get(name, len(keys))
 
 
+ROW = r'<tr data-label="([^"]+)">.*?<td class="n detections">(\d+)</td>'
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     return build_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo")
@@ -97,6 +102,16 @@ def test_batch_equals_run_per_card_and_merges_the_season(tmp_path: Path, bundle:
         assert int(rows[name]["images"]) == count
         assert int(rows[name]["detections"]) == sum(len(p.get("detections") or []) for p in predictions)
         assert rows[name]["labels"]
+    page = (season / "report.html").read_text()
+    assert f'<b id="media-count">{sum(CARDS.values())}</b>' in page and "trapedge season report" in page
+    species: Counter = Counter()
+    for name in CARDS:
+        own = (reference / name / "report.html").read_text()
+        species.update({k: int(v) for k, v in re.findall(ROW, own)})
+    assert {k: int(v) for k, v in re.findall(ROW, page)} == dict(species) and species
+    folders = re.findall(r'<table id="folders-table">.*?</table>', page, re.S)[0]
+    assert all(f"<td>{name}/" in folders for name in CARDS)
+    assert page.count('<img src="data:image/jpeg;base64,') >= 3
     md = json.loads((season / "megadetector.json").read_text())
     assert len(md["images"]) == sum(CARDS.values())
     assert {i["file"].split("/")[0] for i in md["images"]} == set(CARDS)

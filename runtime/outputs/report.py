@@ -21,7 +21,7 @@ from . import charts
 from .images import check_privacy, is_human, load_media, protect, thumbnail
 from .taxa import RELABELLING_STAGES, common_name, final, level, observation_type, taxon
 
-__all__ = ["REPORT_NAME", "build_report", "summarise", "write_report"]
+__all__ = ["REPORT_NAME", "build_report", "stricter", "summarise", "write_report"]
 
 REPORT_NAME = "report.html"
 TEMPLATE = "report.html.j2"
@@ -187,12 +187,14 @@ def _summary(media: list[_Media], info: dict, threshold: float) -> dict:
     }
 
 
-def _frame_of(item: _Media) -> str:
-    """The key to decode for a media item's thumbnail: the photo, or a video's deciding frame."""
+def _source(item: _Media) -> str:
+    """What to decode for a media item's thumbnail, as an absolute path: the photo, or a video's deciding frame
+    (so media of several cards, as in a season's report, load from where they are)."""
+    path = item.prediction["filepath"]
     video = item.prediction.get("video")
     if not video or "frame_number" not in video:
-        return item.key
-    return frame_key(item.key, int(video["frame_number"]), float(video["frame_rate"]))
+        return path
+    return frame_key(path, int(video["frame_number"]), float(video["frame_rate"]))
 
 
 def _jpeg_uri(image) -> str:
@@ -201,7 +203,7 @@ def _jpeg_uri(image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _grids(media: list[_Media], species: list[dict], card: Path, privacy: str) -> list[dict]:
+def _grids(media: list[_Media], species: list[dict], privacy: str) -> list[dict]:
     """Up to THUMBNAILS_PER_SPECIES thumbnails (boxes drawn, people protected) for each of the commonest species."""
     best: dict[str, list[tuple[float, _Media]]] = defaultdict(list)
     for item in media:
@@ -219,19 +221,19 @@ def _grids(media: list[_Media], species: list[dict], card: Path, privacy: str) -
             if len(cells) == THUMBNAILS_PER_SPECIES:
                 break
             if item.key not in cache:
-                cache[item.key] = _thumbnail(item, card, privacy)
+                cache[item.key] = _thumbnail(item, privacy)
             if cache[item.key] is not None:
                 cells.append({"key": item.key, "score": score, "src": cache[item.key]})
         grids.append({"name": row["name"], "label": row["label"], "cells": cells})
     return grids
 
 
-def _thumbnail(item: _Media, card: Path, privacy: str) -> Optional[str]:
+def _thumbnail(item: _Media, privacy: str) -> Optional[str]:
     detections = item.prediction.get("detections") or []
     humans = [det["bbox"] for det in detections if is_human(det)]
     if humans and privacy == "drop":
         return None
-    image = load_media(card, _frame_of(item))
+    image = load_media(Path("/"), _source(item))
     if image is None:
         return None
     return _jpeg_uri(thumbnail(protect(image, humans, privacy), detections, THUMBNAIL_SIDE))
@@ -255,6 +257,12 @@ def _charts(summary: dict) -> dict[str, Optional[str]]:
     }
 
 
+def stricter(a: str, b: str) -> str:
+    """The stricter of two privacy modes (drop > box > blur), for a page over cards run with different ones."""
+    order = ("blur", "box", "drop")
+    return max(check_privacy(a), check_privacy(b), key=order.index)
+
+
 def _environment() -> Environment:
     return Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
@@ -275,8 +283,9 @@ def build_report(predictions: list[dict], images: list[dict], info: dict, card: 
     trapedge = info.get("trapedge") or {}
     return template.render(
         title=title or f"trapedge report: {Path(card).name or card}", card=str(card), summary=summary,
+        season="deployments" in (info.get("trapedge") or {}),
         charts=_charts(summary), charts_available=charts.available(),
-        grids=_grids(media, summary["species"], Path(card), privacy), privacy=privacy,
+        grids=_grids(media, summary["species"], privacy), privacy=privacy,
         failures=summary["failures"][:MAX_FAILURES], more_failures=max(0, len(summary["failures"]) - MAX_FAILURES),
         version=trapedge.get("version", ""), model_version=trapedge.get("bundle_model_version", ""),
         data_version=trapedge.get("bundle_data_version", ""), detector=facts.get("name") or "",
@@ -285,8 +294,8 @@ def build_report(predictions: list[dict], images: list[dict], info: dict, card: 
 
 
 def write_report(path: Path, predictions: list[dict], images: list[dict], info: dict, card: Path, *,
-                 privacy: str = "blur", threshold: Optional[float] = None) -> Path:
+                 privacy: str = "blur", threshold: Optional[float] = None, title: Optional[str] = None) -> Path:
     """Writes the report atomically to `path` and returns it."""
     atomic_write_text(Path(path), build_report(predictions, images, info, card, privacy=privacy,
-                                               threshold=threshold))
+                                               threshold=threshold, title=title))
     return Path(path)

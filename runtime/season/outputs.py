@@ -11,11 +11,13 @@ from typing import Optional
 from ..atomic import atomic_write_text
 from ..outputs.camtrap_dp import merge_camtrap_dp
 from ..outputs.flat_csv import csv_text
+from ..outputs.report import REPORT_NAME, stricter, write_report
 from ..outputs.speciesnet_json import dump_lines
 from ..outputs.store import STORE_NAME, Store
 from ..outputs.taxa import common_name, final
+from ..outputs.video import aggregate_videos
 
-__all__ = ["SUMMARY_COLUMNS", "CardSummary", "write_season"]
+__all__ = ["SUMMARY_COLUMNS", "CardSummary", "season_report", "write_season"]
 
 SUMMARY_COLUMNS = ["deployment_id", "card", "status", "reason", "images", "failed_images", "detections",
                    "classified", "labels"]
@@ -91,8 +93,39 @@ def _megadetector(root: Path, done: list[CardSummary]) -> Optional[Path]:
     return target
 
 
+def season_report(root: Path, done: list[CardSummary]) -> Optional[Path]:
+    """ROOT/report.html over every finished card: keys prefixed by the deployment id (so camera folders group by
+    deployment), people under the strictest privacy mode any card ran with; calibration stays per card."""
+    predictions: list[dict] = []
+    images: list[dict] = []
+    privacy, info = "blur", None
+    for card in done:
+        store = Store(card.out / STORE_NAME)
+        try:
+            preds, rows = aggregate_videos(store.predictions(Path(card.card)), store.images(Path(card.card)))
+            privacy = stricter(privacy, store.get_meta("privacy") or "blur")
+        finally:
+            store.close()
+        predictions += preds
+        images += [{**row, "key": f"{card.deployment_id}/{row['key']}"} for row in rows]
+        if info is None and (card.out / "predictions.json").is_file():
+            info = json.loads((card.out / "predictions.json").read_text(encoding="utf-8")).get("info", {})
+    if not done:
+        return None
+    recorded = dict((info or {}).get("trapedge") or {})
+    pass_two = recorded.pop("reclassification", None)
+    if pass_two is not None:
+        recorded["reclassification"] = {
+            "stages": pass_two.get("stages", {}), "calibration": {},
+            "notes": ["each card calibrates pass 2 on its own photos: its bounds are in DEPLOYMENT/report.html"]}
+    recorded["deployments"] = [c.deployment_id for c in done]
+    return write_report(root / REPORT_NAME, predictions, images, {"trapedge": recorded}, root, privacy=privacy,
+                        title=f"trapedge season report: {len(done)} deployments")
+
+
 def write_season(root: Path, cards: list[CardSummary]) -> list[Path]:
-    """Writes ROOT/summary.csv, ROOT/megadetector.json and ROOT/camtrap-dp/ from the finished cards."""
+    """Writes ROOT/summary.csv, ROOT/megadetector.json, ROOT/camtrap-dp/ and ROOT/report.html from the finished
+    cards."""
     root = Path(root)
     done = [c for c in cards if c.status == "done"]
     for card in done:
@@ -107,4 +140,7 @@ def write_season(root: Path, cards: list[CardSummary]) -> list[Path]:
     if packages:
         merge_camtrap_dp(root / "camtrap-dp", packages)
         written.append(root / "camtrap-dp")
+    report = season_report(root, done)
+    if report is not None:
+        written.append(report)
     return written
