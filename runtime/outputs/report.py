@@ -70,18 +70,22 @@ def _media(predictions: list[dict], images: list[dict], threshold: float) -> lis
     return media
 
 
-def _hour(captured: Optional[str]) -> Optional[int]:
+def _when(captured: Optional[str]) -> Optional[datetime]:
+    """The capture time on the camera clock, or None when missing or unreadable."""
     try:
-        return datetime.fromisoformat(captured).hour if captured else None
+        return datetime.fromisoformat(captured) if captured else None
     except ValueError:
         return None
+
+
+def _hour(captured: Optional[str]) -> Optional[int]:
+    when = _when(captured)
+    return when.hour if when else None
 
 
 def _day(captured: Optional[str]) -> Optional[date]:
-    try:
-        return datetime.fromisoformat(captured).date() if captured else None
-    except ValueError:
-        return None
+    when = _when(captured)
+    return when.date() if when else None
 
 
 def _species(media: list[_Media]) -> list[dict]:
