@@ -67,6 +67,7 @@ def _card() -> tuple[list[dict], list[dict], dict]:
         _media("cam1/clip.mp4", [_det(0.9, FOX)], "2024-05-05T12:05:00",
                video={"frame_rate": 10.0, "frames_processed": [0, 10], "frame_number": 10}),
     ]
+    rows[-1][1].update(status="warning", reason="1 of 2 sampled frames unreadable")
     info = {"trapedge": {"version": "x", "reclassification": {
         "stages": {"decision": "calibrated"}, "notes": ["a note"],
         "calibration": {"levels": {"species": {"enabled": True, "lower_bound": 0.971, "accepted": 120,
@@ -101,6 +102,7 @@ def test_the_summary_counts_media_kinds_labels_time_folders_and_pass_two() -> No
     assert moves == {("canidae", "red fox"): 1, ("blank", "common raven"): 1}
     assert [c["enabled"] for c in s["pass_two"]["calibration"]] == [True, False]
     assert s["failures"] == [{"key": "cam2/e.jpg", "reason": "truncated JPEG"}]
+    assert s["warnings"] == [{"key": "cam1/clip.mp4", "reason": "1 of 2 sampled frames unreadable"}]
 
 
 def test_a_lower_threshold_counts_the_faint_box_and_no_pass_two_is_said() -> None:
@@ -158,6 +160,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, Path, Path]:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy2(photo, folder / photo.name)
     (card / "DCIM" / "101RECNX" / "BROKEN.JPG").write_bytes(b"not a photo")
+    (card / "DCIM" / "101RECNX" / "TRUNCATED.JPG").write_bytes(sample_photos()[0].read_bytes()[:200_000])
     out = root / "out"
     report = Station(bundle).run(card, out, log=lambda m: None)
     assert out / REPORT_NAME in report.written
@@ -188,6 +191,8 @@ def test_run_writes_the_report_and_no_report_leaves_it_out(demo_run, tmp_path: P
     assert {html.unescape(k): int(v) for k, v in rows.items()} == _expected_species(out)
     assert page.count('<img src="data:image/jpeg;base64,') >= 3
     assert "BROKEN.JPG" in page and "101RECNX" in page
+    truncated = re.search(r'<table id="warnings-table">.*?</table>', page, re.S)
+    assert truncated and "TRUNCATED.JPG" in truncated.group(0) and "truncated JPEG" in truncated.group(0)
     Station(bundle).run(card, tmp_path / "plain", formats=tuple(f for f in FORMATS if f != "report"),
                         log=lambda m: None)
     assert not (tmp_path / "plain" / REPORT_NAME).exists()
@@ -250,7 +255,7 @@ def test_the_report_in_headless_chromium(demo_run, tmp_path: Path) -> None:
     assert len(svgs) == 4 and min(svgs) > 300
     assert dict(rows) == _expected_species(out) and rows
     import json
-    assert int(media) == len(json.loads((out / "predictions.json").read_text())["predictions"]) == 11
+    assert int(media) == len(json.loads((out / "predictions.json").read_text())["predictions"]) == 12
 
     from PIL import Image
     grey = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)

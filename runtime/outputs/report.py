@@ -48,6 +48,7 @@ class _Media:
     captured: Optional[str]
     failed: bool
     reason: Optional[str]
+    warned: bool = False
     counted: list[dict] = field(default_factory=list)
     kinds: set[str] = field(default_factory=set)
 
@@ -59,7 +60,7 @@ def _media(predictions: list[dict], images: list[dict], threshold: float) -> lis
         image = by_path.get(pred["filepath"], {})
         failed = bool(pred.get("failures")) or image.get("status") == "failed"
         item = _Media(image.get("key") or pred["filepath"], pred, image.get("captured"), failed,
-                      pred.get("failure_reason") or image.get("reason"))
+                      pred.get("failure_reason") or image.get("reason"), image.get("status") == "warning")
         if failed:
             item.kinds.add("failed")
         else:
@@ -188,6 +189,8 @@ def _summary(media: list[_Media], info: dict, threshold: float) -> dict:
         "folders": _folders(media),
         "pass_two": _pass_two(media, info),
         "failures": [{"key": item.key, "reason": item.reason or ""} for item in media if item.failed],
+        "warnings": [{"key": item.key, "reason": item.reason or ""} for item in media
+                     if item.warned and not item.failed],
     }
 
 
@@ -291,6 +294,7 @@ def build_report(predictions: list[dict], images: list[dict], info: dict, card: 
         charts=_charts(summary), charts_available=charts.available(),
         grids=_grids(media, summary["species"], privacy), privacy=privacy,
         failures=summary["failures"][:MAX_FAILURES], more_failures=max(0, len(summary["failures"]) - MAX_FAILURES),
+        warnings=summary["warnings"][:MAX_FAILURES], more_warnings=max(0, len(summary["warnings"]) - MAX_FAILURES),
         version=trapedge.get("version", ""), model_version=trapedge.get("bundle_model_version", ""),
         data_version=trapedge.get("bundle_data_version", ""), detector=facts.get("name") or "",
         generated=(generated or datetime.now(timezone.utc)).replace(microsecond=0).isoformat(),
