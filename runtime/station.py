@@ -226,7 +226,7 @@ class Station:
         return done
 
     def finish(self, card: Union[str, Path], out: Union[str, Path], *, reclassify: bool = True,
-               formats: tuple[str, ...] = FORMATS) -> RunReport:
+               formats: tuple[str, ...] = FORMATS, export_crops: bool = False) -> RunReport:
         """Pass 2 and every output for a card whose store already holds all of pass 1 (as the end of `run`)."""
         card, out = Path(card), Path(out)
         if not (out / STORE_NAME).is_file():
@@ -234,8 +234,11 @@ class Station:
         store = Store(out / STORE_NAME)
         try:
             reclassifier = self.reclassifier() if reclassify else None
-            return _finish(store, card, out, self.bundle, reclassifier, StageTimer(), self.burst_gap, formats, 0,
-                           time.perf_counter(), self._providers, self.privacy)
+            report = _finish(store, card, out, self.bundle, reclassifier, StageTimer(), self.burst_gap, formats, 0,
+                             time.perf_counter(), self._providers, self.privacy)
+            if export_crops:
+                report.written += export_images(out, card, store.predictions(card), self.privacy)
+            return report
         except (OSError, sqlite3.Error) as e:
             raise OSError(f"{out}: cannot write results ({_reason(e)})") from e
         finally:

@@ -379,3 +379,25 @@ def test_export_results_exports_images_under_the_same_rules(runs: dict[str, Path
     thumbnails = {p.stem for p in (out / THUMBNAILS).glob("*.jpg")}
     assert with_people and thumbnails and not thumbnails & with_people
     assert thumbnails == {p.stem for p in (runs["drop"] / THUMBNAILS).glob("*.jpg")}
+
+
+def test_batch_honours_the_station_privacy_in_crops_and_both_reports(runs: dict[str, Path], person_bundle: Path,
+                                                                     card: Path, tmp_path: Path) -> None:
+    """`trapedge batch --export-crops` with `privacy = "drop"` in the station config: the card's exports equal
+    `trapedge run --privacy drop`'s, and neither its report nor the season's shows a photo with a person."""
+    cards = tmp_path / "cards"
+    shutil.copytree(card, cards / "dep1")
+    config = tmp_path / "station.toml"
+    config.write_text('privacy = "drop"\n')
+    root = tmp_path / "season"
+    run_cli("batch", str(cards), "--bundle", str(person_bundle), "--out", str(root), "--parallel", "1",
+            "--export-crops", "--config", str(config), "-q")
+    for folder in (THUMBNAILS, CROPS):
+        mine = {p.relative_to(root / "dep1" / folder).as_posix() for p in (root / "dep1" / folder).rglob("*.jpg")}
+        theirs = {p.relative_to(runs["drop"] / folder).as_posix() for p in (runs["drop"] / folder).rglob("*.jpg")}
+        assert mine == theirs and mine
+    with_people = {p["key"] for p in _predictions(runs["drop"]) if any(is_human(d) for d in p["detections"] or [])}
+    assert with_people
+    for page, prefix in ((root / "dep1" / REPORT_NAME, ""), (root / REPORT_NAME, "dep1/")):
+        shown = {html.unescape(k) for k in re.findall(r'data-key="([^"]+)"', page.read_text())}
+        assert shown and not shown & {prefix + key for key in with_people}, page

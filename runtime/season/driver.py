@@ -14,7 +14,7 @@ from .pools import Pool
 from .cards import CardSpec
 from .outputs import CardSummary, write_season
 from .shards import FINISHED_META, ChunkJob, chunked, clear_shards, done_shards, merge_shards
-from ..station import Station
+from ..station import FORMATS, Station
 from .worker import FinishJob
 
 __all__ = ["DEFAULT_CHUNK", "CardRun", "SeasonReport", "run_season"]
@@ -65,8 +65,10 @@ Progress = Callable[[int, int], None]
 
 
 def run_season(specs: list[CardSpec], root: Path, pool: Pool, stations: Callable[[tuple], Station], *,
-               chunk: int = DEFAULT_CHUNK, progress: Optional[Progress] = None) -> SeasonReport:
-    """Runs every card through the pool (chunks of a card in order, cards side by side) and writes the season."""
+               chunk: int = DEFAULT_CHUNK, progress: Optional[Progress] = None, formats: tuple[str, ...] = FORMATS,
+               export_crops: bool = False) -> SeasonReport:
+    """Runs every card through the pool (chunks of a card in order, cards side by side) and writes the season;
+    each card gets `formats` and, with `export_crops`, its crops and thumbnails (people by the station's privacy)."""
     started = time.perf_counter()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -86,7 +88,8 @@ def run_season(specs: list[CardSpec], root: Path, pool: Pool, stations: Callable
             if card.pending:
                 calls[pool.submit("chunk", _chunk_job(card))] = (card, "chunk", time.perf_counter())
             else:
-                job = FinishJob(str(card.spec.card), str(card.out), card.spec.location, tuple(card.unmerged))
+                job = FinishJob(str(card.spec.card), str(card.out), card.spec.location, tuple(card.unmerged),
+                                formats, export_crops)
                 card.unmerged = []
                 calls[pool.submit("finish", job)] = (card, "finish", time.perf_counter())
             card.busy = True
@@ -108,7 +111,7 @@ def run_season(specs: list[CardSpec], root: Path, pool: Pool, stations: Callable
             else:
                 _mark_done(card)
     summaries = [_summary(c) for c in cards]
-    written = write_season(root, summaries)
+    written = write_season(root, summaries, report="report" in formats)
     return SeasonReport(root, summaries, chunks_run, time.perf_counter() - started, written, chunk_times)
 
 

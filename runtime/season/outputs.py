@@ -123,9 +123,9 @@ def season_report(root: Path, done: list[CardSummary]) -> Optional[Path]:
                         title=f"trapedge season report: {len(done)} deployments")
 
 
-def write_season(root: Path, cards: list[CardSummary]) -> list[Path]:
-    """Writes ROOT/summary.csv, ROOT/megadetector.json, ROOT/camtrap-dp/ and ROOT/report.html from the finished
-    cards."""
+def write_season(root: Path, cards: list[CardSummary], *, report: bool = True) -> list[Path]:
+    """Writes ROOT/summary.csv, ROOT/megadetector.json, ROOT/camtrap-dp/ and (with `report`) ROOT/report.html from
+    the finished cards."""
     root = Path(root)
     done = [c for c in cards if c.status == "done"]
     for card in done:
@@ -140,7 +140,7 @@ def write_season(root: Path, cards: list[CardSummary]) -> list[Path]:
     if packages:
         merge_camtrap_dp(root / "camtrap-dp", packages)
         written.append(root / "camtrap-dp")
-    report = season_report(root, done)
-    if report is not None:
-        written.append(report)
+    page = season_report(root, done) if report else None
+    if page is not None:
+        written.append(page)
     return written

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from .shards import ChunkJob, merge_shards, write_shard
-from ..station import Station
+from ..station import FORMATS, Station
 
 __all__ = ["ChunkWorker", "FinishJob"]
 
@@ -22,6 +22,8 @@ class FinishJob:
     out: str
     location: tuple[Optional[str], Optional[str]] = (None, None)
     merge: tuple[int, ...] = ()
+    formats: tuple[str, ...] = FORMATS
+    export_crops: bool = False
 
 
 class ChunkWorker:
@@ -49,7 +51,8 @@ class ChunkWorker:
     def finish(self, job: FinishJob) -> dict:
         """Merges the last shards, then pass 2 and every output of one card; returns its report as plain values."""
         merge_shards(Path(job.out), job.merge)
-        report = self.station(job.location).finish(job.card, job.out)
+        report = self.station(job.location).finish(job.card, job.out, formats=job.formats,
+                                                   export_crops=job.export_crops)
         return {"images": report.images, "detections": report.detections, "failed": len(report.failed),
                 "labels": report.labels, "seconds": report.seconds}
 
