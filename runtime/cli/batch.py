@@ -13,11 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..season.driver import DEFAULT_CHUNK, SeasonReport, run_season
 from ..season.pools import local_pool
 from ..season.cards import CSV_COLUMNS, read_cards
-from ..station import FORMATS, Station, open_bundle
+from ..station import Station, open_bundle
 from .card import _stages
 from .common import (
-    Decision, Device, Precision, Privacy, UserError, bundle_option, config_option, console, need_bundle, say, value,
-    with_config,
+    Decision, Device, Precision, Privacy, UserError, bundle_option, config_option, console, export_crops_option,
+    need_bundle, output_formats, privacy_option, report_option, say, value, with_config,
 )
 
 INPUT, LOCATION, SPEED, STAGES, OUTPUTS = "Input", "Location and deployment", "Speed", "Re-classification", "Output"
@@ -60,12 +60,10 @@ def batch(
     target_precision: Optional[float] = typer.Option(None, min=0.5, max=0.999, help="Calibrated levels' bound.",
                                                      rich_help_panel=STAGES),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary.", rich_help_panel=OUTPUTS),
-    export_crops: bool = typer.Option(False, "--export-crops", help="Also write each card's crops per label and "
-                                      "thumbnails with boxes.", rich_help_panel=OUTPUTS),
-    privacy: Privacy = typer.Option("blur", help="People in exported images and reports: blurred, filled, or the "
-                                              "photo left out.", rich_help_panel=OUTPUTS),
-    report_: bool = typer.Option(True, "--report/--no-report", help="Write each card's report.html and the "
-                                 "season's.", rich_help_panel=OUTPUTS),
+    export_crops: bool = export_crops_option("Also write each card's crops per label and thumbnails with boxes.",
+                                             rich_help_panel=OUTPUTS),
+    privacy: Privacy = privacy_option(rich_help_panel=OUTPUTS),
+    report_: bool = report_option("Write each card's report.html and the season's.", rich_help_panel=OUTPUTS),
 ) -> None:
     """Every card of a season: per-card outputs as `trapedge run` writes them, plus the season's merged files."""
     s = with_config(ctx, config, locals())
@@ -97,7 +95,7 @@ def batch(
     progress.start()
     try:
         report = run_season(specs, out, pool, station, chunk=chunk, progress=advance, export_crops=export_crops,
-                            formats=FORMATS if report_ else tuple(f for f in FORMATS if f != "report"))
+                            formats=output_formats(report_))
     finally:
         progress.stop()
         pool.close()

@@ -13,10 +13,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..card.bursts import DEFAULT_GAP_S
-from ..station import FORMATS, RunReport, Station, rerun_pass_two, write_outputs
+from ..station import RunReport, Station, rerun_pass_two, write_outputs
 from .common import (
     Centroids, Decision, Device, Format, Precision, Privacy, Scoring, UserError, bundle_option, config_option, console,
-    need_bundle, say, value, with_config,
+    export_crops_option, need_bundle, output_formats, privacy_option, report_option, say, value, with_config,
 )
 
 INPUT, LOCATION, SPEED, STAGES, OUTPUTS = "Input", "Location and deployment", "Speed", "Re-classification", "Output"
@@ -100,12 +100,11 @@ def run(
     stages_config: Optional[Path] = typer.Option(None, dir_okay=False, help="JSON file of stage settings.",
                                                  rich_help_panel=STAGES),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary.", rich_help_panel=OUTPUTS),
-    export_crops: bool = typer.Option(False, "--export-crops", help="Also write crops per label and thumbnails "
-                                      "with boxes (OUT/crops, OUT/thumbnails).", rich_help_panel=OUTPUTS),
-    privacy: Privacy = typer.Option("blur", help="People in exported images: blurred, filled, or the photo left "
-                                              "out; human crops are never written.", rich_help_panel=OUTPUTS),
-    report_: bool = typer.Option(True, "--report/--no-report", help="Write OUT/report.html, a page to look at "
-                                 "(counts, activity, thumbnails).", rich_help_panel=OUTPUTS),
+    export_crops: bool = export_crops_option("Also write crops per label and thumbnails with boxes (OUT/crops, "
+                                             "OUT/thumbnails).", rich_help_panel=OUTPUTS),
+    privacy: Privacy = privacy_option(rich_help_panel=OUTPUTS),
+    report_: bool = report_option("Write OUT/report.html, a page to look at (counts, activity, thumbnails).",
+                                  rich_help_panel=OUTPUTS),
 ) -> None:
     """Detect, classify and re-classify every photo on a card; write SpeciesNet, MegaDetector, Camtrap DP, CSV."""
     s = with_config(ctx, config, locals())
@@ -133,7 +132,7 @@ def run(
         report = station.run(card, out, deployment=_deployment(s["timezone"], s["lat"], s["lon"], s["deployment_id"]),
                              reclassify=reclassify_, progress=advance, log=(lambda m: None) if quiet else say,
                              export_crops=export_crops,
-                             formats=FORMATS if report_ else tuple(f for f in FORMATS if f != "report"))
+                             formats=output_formats(report_))
     finally:
         if progress.live.is_started:
             progress.stop()

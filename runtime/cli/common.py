@@ -123,6 +123,27 @@ def bundle_option(help_text: str = "Artifact bundle folder (from `trapedge expor
     return typer.Option(None, "--bundle", "-b", help=help_text, show_default=False, **kwargs)
 
 
+def export_crops_option(help_text: str, **kwargs) -> Any:
+    """`--export-crops`: crops per label and thumbnails with boxes."""
+    return typer.Option(False, "--export-crops", help=help_text, **kwargs)
+
+
+def privacy_option(help_text: str = "People in exported images and the report: blurred, filled, or the photo "
+                                    "left out; human crops are never written.", **kwargs) -> Any:
+    """`--privacy blur|box|drop`, blur by default."""
+    return typer.Option("blur", help=help_text, **kwargs)
+
+
+def report_option(help_text: str, **kwargs) -> Any:
+    """`--report/--no-report`, on by default."""
+    return typer.Option(True, "--report/--no-report", help=help_text, **kwargs)
+
+
+def output_formats(report: bool) -> tuple[str, ...]:
+    """Every output format, without the report when it is turned off."""
+    return FORMATS if report else tuple(f for f in FORMATS if f != "report")
+
+
 def config_option(**kwargs) -> Any:
     """`--config`, or the TRAPEDGE_CONFIG environment variable."""
     return typer.Option(None, "--config", envvar="TRAPEDGE_CONFIG", dir_okay=False, help=CONFIG_HELP,
