@@ -166,8 +166,9 @@ def _jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def load_media(card: Path, key: str) -> Optional[Image.Image]:
-    """The photo or video frame decoded as for inference (EXIF orientation applied), or None if unreadable now."""
+def load_media(card: Path, key: str, draft_long_side: Optional[int] = None) -> Optional[Image.Image]:
+    """The photo or video frame decoded as for inference (EXIF orientation applied), or None if unreadable now;
+    with `draft_long_side`, a JPEG at the smallest DCT scale that keeps its long side at least that long."""
     parsed = parse_frame_key(key)
     path = card / (parsed[0] if parsed else key)
     try:
@@ -175,7 +176,7 @@ def load_media(card: Path, key: str) -> Optional[Image.Image]:
     except OSError:
         logger.warning("%s: not on the card any more; no crops or thumbnail exported", key)
         return None
-    decoded = decode(ImageRecord(key, path, stat.st_size, stat.st_mtime_ns))
+    decoded = decode(ImageRecord(key, path, stat.st_size, stat.st_mtime_ns), draft_long_side)
     if not decoded.ok:
         logger.warning("%s: cannot decode for export (%s)", key, decoded.error)
         return None

@@ -240,7 +240,7 @@ def _thumbnail(item: _Media, privacy: str) -> Optional[str]:
     humans = [det["bbox"] for det in detections if is_human(det)]
     if humans and privacy == "drop":
         return None
-    image = load_media(Path("/"), _source(item))
+    image = load_media(Path("/"), _source(item), draft_long_side=2 * THUMBNAIL_SIDE)
     if image is None:
         return None
     return _jpeg_uri(thumbnail(protect(image, humans, privacy), detections, THUMBNAIL_SIDE))
