@@ -39,7 +39,7 @@ if [ "${GPU_CHECK_ANCHOR:-1}" = "0" ]; then
     echo "anchor skipped (GPU_CHECK_ANCHOR=0)"
     ANCHOR_SKIP=1
 fi
-[ -n "${ANCHOR_SKIP:-}" ] || timeout "${GPU_CHECK_TIMEOUT:-240}" "$PY" - "$OUT" <<'PY'
+[ -n "${ANCHOR_SKIP:-}" ] || timeout "${GPU_CHECK_TIMEOUT:-190}" "$PY" - "$OUT" <<'PY'
 import copy
 import datetime as dt
 import json
@@ -277,7 +277,7 @@ if [ "$status" -ne 0 ]; then
     echo "gpu check python exited with $status (124 = timeout); partial results are in $OUT/gpu_check.json"
 fi
 
-timeout "${GPU_BACKENDS_TIMEOUT:-210}" "$PY" benchmarks/gpu_backends.py "$OUT/gpu_backends.json" \
+timeout "${GPU_BACKENDS_TIMEOUT:-270}" "$PY" benchmarks/gpu_backends.py "$OUT/gpu_backends.json" \
     --devices "${GPU_CHECK_DEVICES:-cuda,tensorrt}" --size "${GPU_CHECK_SIZE:-real}" \
     --work "${GPU_CHECK_WORK:-/tmp/trapedge-gpu-backends}"
 status=$?

@@ -23,7 +23,7 @@ from .outputs import (
     write_predictions_json,
 )
 from .outputs.images import check_privacy, export_images
-from .outputs.report import REPORT_NAME, write_report
+from .outputs.report import REPORT_NAME, stricter, write_report
 from .outputs.store import STORE_NAME, Store
 from .outputs.video import aggregate_videos
 from .pipeline import MAX_SIDES, RunOptions, Runner
@@ -289,7 +289,10 @@ def write_outputs(out: Union[str, Path], formats: tuple[str, ...] = FORMATS,
         check_privacy(privacy)
     store = _existing_store(out)
     try:
-        privacy = privacy or _recorded_privacy(store)
+        recorded = _recorded_privacy(store)
+        if privacy is not None:
+            store.set_meta("privacy", stricter(recorded, privacy))  # a later rewrite never shows more people
+        privacy = privacy or recorded
         card = Path(store.get_meta("dump_root") or out)
         if deployment is None and not store.get_meta("deployment"):
             deployment = fallback

@@ -28,6 +28,10 @@ def test_the_backends_check_runs_every_route_it_can_and_says_why_it_skips_the_ot
     assert route["classifier"]["batch8"]["ms_per_image"] > 0 and route["detector"]["batch1"]["ms_min"] > 0
     run = result["end_to_end"]["cpu fp32"]
     assert run["same_detections_as_cpu"] and run["label_agreement_with_cpu"] == 1.0
+    assert result["quantize_fp16"]["returncode"] == 0, result["quantize_fp16"]["output"]
+    half = result["routes"]["cpu fp16"]["classifier"]
+    assert half["parity"]["top1_agreement"] >= 0.875 and half["parity"]["min_feature_cosine"] > 0.99
+    assert result["end_to_end"]["cpu fp16"]["detections"] > 0
     assert run["detections"] == result["end_to_end"]["baseline (cpu fp32)"]["detections"] > 0
     providers = result["onnxruntime_providers"]
     if "CUDAExecutionProvider" not in providers:

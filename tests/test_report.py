@@ -114,6 +114,50 @@ def test_a_lower_threshold_counts_the_faint_box_and_no_pass_two_is_said() -> Non
     assert "did not run" in build_report(predictions, images, {}, Path("/card"), threshold=0.05)
 
 
+def test_a_camera_clock_reset_to_2000_keeps_the_date_chart_small() -> None:
+    predictions, images = [], []
+    for when in ("2000-01-01T00:00:00", "2024-06-01T12:00:00"):
+        pred, image = _media(f"cam/{when[:4]}.jpg", [_det(0.9, FOX)], when)
+        predictions.append(pred)
+        images.append(image)
+    dates = summarise(predictions, images, {}, 0.2)["dates"]
+    assert len(dates) <= 120 and sum(n for _, n in dates) == 2 and dates[0][0] == "11 weeks from 2000-01-01"
+
+
+def test_a_video_holds_the_people_of_every_frame_and_drop_leaves_it_out(tmp_path: Path) -> None:
+    """A person in a frame other than the deciding one: counted as human, and the clip not shown under drop."""
+    from trapedge.runtime.outputs.video import aggregate_videos
+    import cv2
+
+    clip = tmp_path / "card" / "cam" / "clip.mp4"
+    clip.parent.mkdir(parents=True)
+    frame = cv2.resize(cv2.imread(str(sample_photos()[0])), (320, 240))
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (320, 240))
+    for _ in range(20):
+        writer.write(frame)
+    writer.release()
+    fox, person = _det(0.95, FOX), _det(0.9, Classification.HUMAN.value, "2", bbox=(0.5, 0.4, 0.2, 0.5))
+    frames = [(0, [fox]), (10, [person])]
+    predictions = [{"filepath": str(clip) + f"#frame={n:06d}&fps=10", "detections": d} for n, d in frames]
+    images = [{"key": f"cam/clip.mp4#frame={n:06d}&fps=10", "filepath": p["filepath"], "captured": None,
+               "status": "ok", "reason": None, "width": 320, "height": 240} for (n, _), p in zip(frames, predictions)]
+    predictions, images = aggregate_videos(predictions, images)
+    assert predictions[0]["video"]["frame_number"] == 0 and predictions[0]["detections"] == [fox]
+    rates = {r["kind"]: r["media"] for r in summarise(predictions, images, {}, 0.2)["rates"]}
+    assert rates["human"] == 1 and rates["animal"] == 1
+    assert 'data-key="cam/clip.mp4"' in build_report(predictions, images, {}, tmp_path, privacy="blur")
+    assert 'data-key="cam/clip.mp4"' not in build_report(predictions, images, {}, tmp_path, privacy="drop")
+
+
+def test_a_dollar_in_a_folder_or_label_is_text_and_a_zero_threshold_is_kept() -> None:
+    predictions, images, info = _card()
+    pred, image = _media("site $a^$/x.jpg", [_det(0.9, "u9;mammalia;;;;;$\\foo$ cat")])
+    page = build_report(predictions + [pred], images + [image], info, Path("/card"), threshold=0.0)
+    assert "site $a^$" in page and "confidence 0.0 " in page
+    info["trapedge"]["detector"] = {"typical_detection_threshold": 0.0}
+    assert "confidence 0.0 " in build_report(predictions, images, info, Path("/card"))
+
+
 def test_long_seasons_are_charted_by_week() -> None:
     predictions, images = [], []
     for day in (0, 200):
@@ -130,6 +174,7 @@ def _attributes(page: str) -> list[str]:
 
 
 def test_the_page_is_offline_escaped_and_charted(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the report extra draws the charts")
     predictions, images, info = _card()
     pred, image = _media("cam3/<script>alert(1)</script>.jpg", [], failed="<img src=x onerror=alert(2)>")
     page = build_report(predictions + [pred], images + [image], info, Path("/card"))
@@ -201,6 +246,12 @@ def test_run_writes_the_report_and_no_report_leaves_it_out(demo_run, tmp_path: P
     proc = run_cli("report", str(tmp_path / "cli"), "--privacy", "drop")
     assert (tmp_path / "cli" / REPORT_NAME).exists() and "report.html" in proc.stderr
     assert "People: drop (media with people left out)" in (tmp_path / "cli" / REPORT_NAME).read_text()
+    rerun_pass_two(tmp_path / "cli")  # rewrites the report under the stricter mode the report command recorded
+    assert "People: drop (media with people left out)" in (tmp_path / "cli" / REPORT_NAME).read_text()
+    write_outputs(tmp_path / "cli", ("report",), privacy="blur")  # asked for once, not remembered
+    assert "People: blur" in (tmp_path / "cli" / REPORT_NAME).read_text()
+    rerun_pass_two(tmp_path / "cli")
+    assert "People: drop" in (tmp_path / "cli" / REPORT_NAME).read_text()
 
 
 def test_reclassify_rewrites_the_report_with_the_new_decision(demo_run, tmp_path: Path) -> None:

@@ -30,7 +30,8 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], *, title: str, hor
     from matplotlib import rc_context
     from matplotlib.figure import Figure
 
-    settings = {"svg.fonttype": "none", "svg.hashsalt": "trapedge", "font.size": 9, "text.color": _TEXT,
+    settings = {"svg.fonttype": "none", "svg.hashsalt": "trapedge", "text.parse_math": False, "font.size": 9,
+                "text.color": _TEXT,
                 "axes.edgecolor": "#888888", "axes.labelcolor": _TEXT, "xtick.color": _TEXT, "ytick.color": _TEXT,
                 "axes.spines.top": False, "axes.spines.right": False}
     with rc_context(settings):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import posixpath
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from ..speciesnet.detector import DetectorConfig
 from . import charts
 from .images import check_privacy, is_human, load_media, protect, thumbnail
 from .taxa import RELABELLING_STAGES, common_name, final, level, observation_type, taxon
+from .video import video_detections
 
 __all__ = ["REPORT_NAME", "build_report", "stricter", "summarise", "write_report"]
 
@@ -53,7 +55,13 @@ class _Media:
     kinds: set[str] = field(default_factory=set)
 
 
+def _above(detections: list[dict], threshold: float) -> list[dict]:
+    return [d for d in detections if float(d.get("conf", 0.0)) >= threshold]
+
+
 def _media(predictions: list[dict], images: list[dict], threshold: float) -> list[_Media]:
+    """Each photo or video with its counted detections (a video: its deciding frame's) and what it holds (a
+    video: what any of its frames holds)."""
     by_path = {image["filepath"]: image for image in images}
     media = []
     for pred in predictions:
@@ -64,8 +72,9 @@ def _media(predictions: list[dict], images: list[dict], threshold: float) -> lis
         if failed:
             item.kinds.add("failed")
         else:
-            item.counted = [d for d in pred.get("detections") or [] if float(d.get("conf", 0.0)) >= threshold]
-            kinds = {observation_type(final(d).label, str(d.get("category"))) for d in item.counted} - {"blank"}
+            item.counted = _above(pred.get("detections") or [], threshold)
+            seen = item.counted + (_above(video_detections(pred), threshold) if "video" in pred else [])
+            kinds = {observation_type(final(d).label, str(d.get("category"))) for d in seen} - {"blank"}
             item.kinds = kinds or {"blank"}
         media.append(item)
     return media
@@ -108,18 +117,21 @@ def _species(media: list[_Media]) -> list[dict]:
 
 
 def _dates(media: list[_Media]) -> list[tuple[str, int]]:
-    """Media with animals per capture date, every day from the first to the last (weeks when the span is long)."""
+    """Media with animals per capture date, every day from the first to the last; over a long span (or a camera
+    clock reset to 2000) in bins of whole weeks, never more than MAX_DATE_BARS of them."""
     days = Counter(day for item in media if "animal" in item.kinds and (day := _day(item.captured)) is not None)
     if not days:
         return []
     first, last = min(days), max(days)
-    step = 1 if (last - first).days < MAX_DATE_BARS else 7
+    span = (last - first).days + 1
+    step = 1 if span <= MAX_DATE_BARS else 7 * math.ceil(span / (7 * MAX_DATE_BARS))
     bars = []
     start = first
     while start <= last:
-        span = [start + timedelta(days=i) for i in range(step)]
-        bars.append((start.isoformat() if step == 1 else f"week of {start.isoformat()}",
-                     sum(days.get(d, 0) for d in span)))
+        count = sum(days.get(start + timedelta(days=i), 0) for i in range(step))
+        label = start.isoformat() if step == 1 else (f"week of {start.isoformat()}" if step == 7
+                                                     else f"{step // 7} weeks from {start.isoformat()}")
+        bars.append((label, count))
         start += timedelta(days=step)
     return bars
 
@@ -237,13 +249,17 @@ def _grids(media: list[_Media], species: list[dict], privacy: str) -> list[dict]
 
 def _thumbnail(item: _Media, privacy: str) -> Optional[str]:
     detections = item.prediction.get("detections") or []
-    humans = [det["bbox"] for det in detections if is_human(det)]
-    if humans and privacy == "drop":
+    everywhere = detections + (video_detections(item.prediction) if "video" in item.prediction else [])
+    if privacy == "drop" and any(is_human(det) for det in everywhere):
         return None
+    if any(is_human(det) and not det.get("bbox") for det in detections):
+        return None  # a person with no box cannot be hidden
+    humans = [det["bbox"] for det in detections if is_human(det)]
     image = load_media(Path("/"), _source(item), draft_long_side=2 * THUMBNAIL_SIDE)
     if image is None:
         return None
-    return _jpeg_uri(thumbnail(protect(image, humans, privacy), detections, THUMBNAIL_SIDE))
+    boxed = [det for det in detections if det.get("bbox")]
+    return _jpeg_uri(thumbnail(protect(image, humans, privacy), boxed, THUMBNAIL_SIDE))
 
 
 def _charts(summary: dict) -> dict[str, Optional[str]]:
@@ -281,8 +297,10 @@ def build_report(predictions: list[dict], images: list[dict], info: dict, card: 
     and a content security policy that forbids every network request."""
     check_privacy(privacy)
     facts = (info.get("trapedge") or {}).get("detector") or {}
-    threshold = float(threshold if threshold is not None
-                      else facts.get("typical_detection_threshold") or DetectorConfig().typical_threshold)
+    if threshold is None:
+        recorded = facts.get("typical_detection_threshold")
+        threshold = recorded if recorded is not None else DetectorConfig().typical_threshold
+    threshold = float(threshold)
     media = _media(predictions, images, threshold)
     summary = _summary(media, info, threshold)
     template = _environment().from_string(
