@@ -124,32 +124,35 @@ def detector_parity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     return result
 
 
-def check_route(bundle, device: str, precision: str, inputs: dict[str, np.ndarray], reference: dict) -> dict:
-    """One device and precision: both models through open_model, first call, latency, parity with the CPU."""
+def _check_model(bundle, name: str, device: str, precision: str, data: np.ndarray, reference: list) -> dict:
+    """One model through open_model: open and first-call seconds, latency, parity with the CPU; the backend is
+    released on return (an 8 GB Jetson holds few sessions or engines at once)."""
     from trapedge.runtime.models.select import open_model
 
-    entry: dict[str, Any] = {}
-    for name, feed, outputs, parity in (
-            ("classifier", "crops", ["logits", "features"], classifier_parity),
-            ("detector", "images", ["predictions"], None)):
-        start = time.perf_counter()
-        backend = open_model(bundle, name, device=device, precision=precision, batch=8, log=_log)
-        opened = time.perf_counter() - start
-        data = inputs[feed]
-        start = time.perf_counter()
-        got = backend.run({feed: data}, outputs)
-        model = {"providers": backend.providers, "open_s": round(opened, 3),
-                 "first_call_s": round(time.perf_counter() - start, 3),
-                 "parity": parity(reference[name], got) if parity else detector_parity(reference[name][0], got[0])}
-        model["batch1"] = _timed(lambda: backend.run({feed: data[:1]}, outputs), 5)
-        if name == "classifier":
-            model["batch8"] = _timed(lambda: backend.run({feed: data}, outputs), 3)
-            model["batch8"]["ms_per_image"] = round(model["batch8"]["ms_min"] / data.shape[0], 3)
-        entry[name] = model
-        del backend  # sessions and engines released before the next model (an 8 GB Jetson holds few at once)
-        _log(f"{device} {precision} {name}: {model['providers'][:1]} batch1 {model['batch1']['ms_min']} ms, "
-             f"parity {model['parity']}")
-    return entry
+    feed, outputs = ("crops", ["logits", "features"]) if name == "classifier" else ("images", ["predictions"])
+    start = time.perf_counter()
+    backend = open_model(bundle, name, device=device, precision=precision, batch=8, log=_log)
+    opened = time.perf_counter() - start
+    start = time.perf_counter()
+    got = backend.run({feed: data}, outputs)
+    model = {"providers": backend.providers, "open_s": round(opened, 3),
+             "first_call_s": round(time.perf_counter() - start, 3),
+             "parity": classifier_parity(reference, got) if name == "classifier"
+             else detector_parity(reference[0], got[0])}
+    model["batch1"] = _timed(lambda: backend.run({feed: data[:1]}, outputs), 5)
+    if name == "classifier":
+        model["batch8"] = _timed(lambda: backend.run({feed: data}, outputs), 3)
+        model["batch8"]["ms_per_image"] = round(model["batch8"]["ms_min"] / data.shape[0], 3)
+    _log(f"{device} {precision} {name}: {model['providers'][:1]} batch1 {model['batch1']['ms_min']} ms, "
+         f"parity {model['parity']}")
+    return model
+
+
+def check_route(bundle, device: str, precision: str, inputs: dict[str, np.ndarray], reference: dict) -> dict:
+    """One device and precision: both models, each against the CPU."""
+    return {"classifier": _check_model(bundle, "classifier", device, precision, inputs["crops"],
+                                       reference["classifier"]),
+            "detector": _check_model(bundle, "detector", device, precision, inputs["images"], reference["detector"])}
 
 
 def end_to_end(bundle, device: str, precision: str, work: Path) -> dict:

@@ -29,13 +29,10 @@ OBJECTNESS_SHIFT = 1.5
 
 
 def _copy_bundle(source: Path, dest: Path) -> Path:
-    """A copy whose large files are hard links (the export writes new files and replaces the manifest)."""
+    """A copy made of hard links: the export writes a new detector file and replaces the manifest atomically, so
+    the source bundle is never touched."""
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(source, dest, copy_function=os.link, ignore=shutil.ignore_patterns(".engines", ".history"))
-    manifest = dest / "manifest.json"
-    text = manifest.read_text()
-    manifest.unlink()
-    manifest.write_text(text)
     return dest
 
 

@@ -34,12 +34,18 @@ from .speciesnet.ensemble import load_geofence
 from .speciesnet.ensemble.geofence import check_location
 from .timing import StageTimer
 
-__all__ = ["FORMATS", "RunReport", "Station", "open_bundle", "rerun_pass_two", "run_references", "write_outputs"]
+__all__ = ["FORMATS", "RunReport", "Station", "open_bundle", "output_formats", "rerun_pass_two", "run_references",
+           "write_outputs"]
 
 logger = logging.getLogger("trapedge")
 
 FORMATS = ("speciesnet", "megadetector", "camtrap-dp", "csv", "report")
 LOG_NAME = "trapedge.log"
+
+
+def output_formats(report: bool = True) -> tuple[str, ...]:
+    """Every output format, without the report when it is turned off."""
+    return FORMATS if report else tuple(f for f in FORMATS if f != "report")
 
 Progress = Callable[[int, int], None]
 Log = Callable[[str], None]
@@ -270,7 +276,7 @@ def rerun_pass_two(out: Union[str, Path], bundle: Union[str, Path, Bundle, None]
         settings.update({k: v for k, v in overrides.items() if v is not None})
         station = Station(loaded, stages=stage_config(loaded, stages), device="cpu", **settings)
         card = Path(store.get_meta("dump_root") or out)
-        formats = FORMATS if (out / REPORT_NAME).exists() else tuple(f for f in FORMATS if f != "report")
+        formats = output_formats(report=(out / REPORT_NAME).exists())
         return _finish(store, card, out, loaded, station.reclassifier(), StageTimer(), station.burst_gap, formats,
                        0, time.perf_counter(), {}, _recorded_privacy(store))
     finally:

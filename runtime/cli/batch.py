@@ -13,11 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..season.driver import DEFAULT_CHUNK, SeasonReport, run_season
 from ..season.pools import local_pool
 from ..season.cards import CSV_COLUMNS, read_cards
-from ..station import Station, open_bundle
+from ..station import Station, open_bundle, output_formats
 from .card import _stages
 from .common import (
     Decision, Device, Precision, Privacy, UserError, bundle_option, config_option, console, export_crops_option,
-    need_bundle, output_formats, privacy_option, report_option, say, value, with_config,
+    need_bundle, privacy_option, report_option, say, value, with_config,
 )
 
 INPUT, LOCATION, SPEED, STAGES, OUTPUTS = "Input", "Location and deployment", "Speed", "Re-classification", "Output"

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..station import open_bundle
-from .common import Device, Precision, UserError, bundle_option, need_bundle, say, value
+from .common import Precision, UserError, bundle_option, need_bundle, say, value
 
 Mining = Enum("Mining", {"batch_hard": "batch_hard", "semi_hard": "semi_hard"}, type=str)
 Backbone = Enum("Backbone", {"open_clip": "open_clip", "speciesnet": "speciesnet"}, type=str)

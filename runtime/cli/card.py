@@ -13,10 +13,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..card.bursts import DEFAULT_GAP_S
-from ..station import RunReport, Station, rerun_pass_two, write_outputs
+from ..station import RunReport, Station, output_formats, rerun_pass_two, write_outputs
 from .common import (
     Centroids, Decision, Device, Format, Precision, Privacy, Scoring, UserError, bundle_option, config_option, console,
-    export_crops_option, need_bundle, output_formats, privacy_option, report_option, say, value, with_config,
+    export_crops_option, need_bundle, privacy_option, report_option, say, value, with_config,
 )
 
 INPUT, LOCATION, SPEED, STAGES, OUTPUTS = "Input", "Location and deployment", "Speed", "Re-classification", "Output"

@@ -139,11 +139,6 @@ def report_option(help_text: str, **kwargs) -> Any:
     return typer.Option(True, "--report/--no-report", help=help_text, **kwargs)
 
 
-def output_formats(report: bool) -> tuple[str, ...]:
-    """Every output format, without the report when it is turned off."""
-    return FORMATS if report else tuple(f for f in FORMATS if f != "report")
-
-
 def config_option(**kwargs) -> Any:
     """`--config`, or the TRAPEDGE_CONFIG environment variable."""
     return typer.Option(None, "--config", envvar="TRAPEDGE_CONFIG", dir_okay=False, help=CONFIG_HELP,
