@@ -353,12 +353,18 @@ def _clear_out(out: Path) -> None:
 
 
 def log_to(path: Path) -> None:
-    """Sends trapedge's log (warnings, notes, tracebacks of unexpected errors) to a file, once per path."""
+    """Sends trapedge's log (warnings, notes, tracebacks of unexpected errors) to a run's file; the log of an
+    earlier run in this process is closed, so one card's messages never land in another card's log."""
     root = logging.getLogger("trapedge")
     path = Path(path).resolve()
+    for handler in list(root.handlers):
+        if getattr(handler, "trapedge_run_log", False) and Path(handler.baseFilename) != path:
+            root.removeHandler(handler)
+            handler.close()
     if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in root.handlers):
         return
     handler = logging.FileHandler(path, encoding="utf-8")
+    handler.trapedge_run_log = True
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.INFO)

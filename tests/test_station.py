@@ -71,3 +71,22 @@ def test_bad_settings_are_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a folder"):
         station.run(bundle / "manifest.json", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_each_run_logs_to_its_own_folder_only(tmp_path: Path) -> None:
+    import logging
+
+    from trapedge.runtime import Station
+
+    bundle = build_demo_bundle(tmp_path / "bundle")
+    card = copy_samples(tmp_path / "card")
+    station = Station(bundle, device="cpu")
+    station.run(card, tmp_path / "first", limit=2, formats=("speciesnet",))
+    logging.getLogger("trapedge").warning("written during the first card")
+    station.run(card, tmp_path / "second", limit=2, formats=("speciesnet",))
+    logging.getLogger("trapedge").warning("written during the second card")
+    first = (tmp_path / "first" / "trapedge.log").read_text()
+    second = (tmp_path / "second" / "trapedge.log").read_text()
+    assert "written during the first card" in first and "written during the second card" not in first
+    assert "written during the second card" in second and "written during the first card" not in second
+    assert "detector" in first and "detector" in second  # both runs logged their own set-up
