@@ -19,7 +19,9 @@ from trapedge.export.quantize import (  # noqa: E402
     BOX_CONF_TOLERANCE,
     BOX_MIN_CONF,
     BOX_MIN_IOU,
+    CPU_OP_TYPES,
     DEFAULT_METHOD,
+    QUANTIZED_OP_TYPES,
     RuntimeInputs,
     add_quantized_model,
     boundary_nodes,
@@ -359,6 +361,44 @@ def test_uint8_activations_are_for_onnxruntime_only(bundle: Path, inputs, tmp_pa
     with pytest.raises(ValueError, match="unknown activation type"):
         quantize_int8_static(bundle / "classifier.onnx", out, model_reader("classifier", "crops", calibration),
                              activations="int4")
+
+
+def _eight_bit_ops(model: onnx.ModelProto) -> set[str]:
+    """Op types of the nodes between a DequantizeLinear and a QuantizeLinear (what onnxruntime runs in 8 bits)."""
+    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    q = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    return {n.op_type for n in model.graph.node if any(i in dq for i in n.input) and any(o in q for o in n.output)}
+
+
+def test_uint8_tries_the_elementwise_layers_first_and_keeps_them_above_the_floor(bundle_copy: Path, inputs):
+    calibration, held_out = inputs
+    said: list[str] = []
+    entry = add_quantized_model(bundle_copy, "classifier", "int8", held_out, 0.0, calibration=calibration,
+                                options={"activations": "uint8"}, log=said.append)
+    assert entry["quantization"]["op_types"] == list(CPU_OP_TYPES) and "tried_first" not in entry["quantization"]
+    model = onnx.load(str(bundle_copy / entry["file"]))
+    assert {"Sigmoid", "Mul"} <= _eight_bit_ops(model)  # SiLU in 8 bits (the tiny net has no residual Add)
+    assert len(said) == 1 and "convolutions only" not in said[0]
+
+
+def test_uint8_below_the_floor_falls_back_to_the_convolutions_with_both_figures(bundle_copy: Path, inputs):
+    calibration, held_out = inputs
+    said: list[str] = []
+    entry = add_quantized_model(bundle_copy, "classifier", "int8", held_out, 1.0, calibration=calibration,
+                                options={"activations": "uint8"}, log=said.append)
+    quantization = entry["quantization"]
+    assert quantization["op_types"] == list(QUANTIZED_OP_TYPES)
+    (first,) = quantization["tried_first"]
+    assert first["op_types"] == list(CPU_OP_TYPES) and first["agreement"]["top1_agreement"] <= 1.0
+    assert first["agreement"]["feature_cosine"] < 1.0  # below the floor of 1.0, hence the fallback
+    model = onnx.load(str(bundle_copy / entry["file"]))
+    assert "Sigmoid" not in _eight_bit_ops(model) and any(_conv_weights(model).values())
+    assert "convolutions only" in said[0] and "below the floor" in said[-1]
+    assert entry["sha256"] == sha256_file(bundle_copy / entry["file"])  # the file kept is the one recorded
+    entry_int8 = add_quantized_model(bundle_copy, "detector", "int8", held_out, 1.0, calibration=calibration,
+                                     log=said.append)
+    assert entry_int8["quantization"]["op_types"] == list(QUANTIZED_OP_TYPES)  # TensorRT's: weighted layers only
+    assert "tried_first" not in entry_int8["quantization"]
 
 
 # --- detector agreement ----------------------------------------------------------------------------------
