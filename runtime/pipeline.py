@@ -50,6 +50,7 @@ class RunOptions:
     threads: Optional[int] = None
     detection_threshold_for_classification: float = DEFAULT_DETECTION_THRESHOLD_FOR_CLASSIFICATION
     max_classifications_per_detection: int = DEFAULT_MAX_CLASSIFICATIONS_PER_DETECTION
+    max_classifications_per_image: Optional[int] = None
     detector_batch: int = 1
     classifier_batch: int = 8
     decode_workers: int = 2
@@ -231,7 +232,9 @@ class Runner:
             for work, result in zip(chunk, results):
                 if not work.image.ok:
                     continue
-                wanted = [det["conf"] >= threshold for det in result.prediction["detections"]]
+                chosen = set(cls_ops.select_for_classification(
+                    result.prediction["detections"], threshold, self.options.max_classifications_per_image))
+                wanted = [i in chosen for i in range(len(result.prediction["detections"]))]
                 if any(wanted) and work.image.drafted:
                     full = decode(work.image.record)  # crops always come from full resolution
                     if full.ok:

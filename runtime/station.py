@@ -30,7 +30,7 @@ from .pipeline import MAX_SIDES, RunOptions, Runner
 from .reclassify import EmbeddingTable
 from .reclassify.runner import Reclassifier
 from .reclassify.stages import StageConfig, accept
-from .speciesnet.ensemble import load_geofence
+from .speciesnet.ensemble import DEFAULT_DETECTION_THRESHOLD_FOR_CLASSIFICATION, load_geofence
 from .speciesnet.ensemble.geofence import check_location
 from .timing import StageTimer
 
@@ -94,7 +94,15 @@ class Station:
                  country: Optional[str] = None, admin1: Optional[str] = None, geofence: bool = True,
                  stages: Union[StageConfig, dict, None] = None, centroids: str = "dump", event_pooling: bool = False,
                  burst_gap: float = DEFAULT_GAP_S, video_every: float = 1.0,
-                 video_every_frames: Optional[int] = None, privacy: str = "blur") -> None:
+                 video_every_frames: Optional[int] = None, privacy: str = "blur",
+                 detection_threshold_for_classification: float = DEFAULT_DETECTION_THRESHOLD_FOR_CLASSIFICATION,
+                 max_classifications_per_image: Optional[int] = None) -> None:
+        if not 0.0 <= detection_threshold_for_classification <= 1.0:
+            raise ValueError("detection_threshold_for_classification must be in [0, 1]; got "
+                             f"{detection_threshold_for_classification}")
+        if max_classifications_per_image is not None and max_classifications_per_image < 1:
+            raise ValueError("max_classifications_per_image must be at least 1 (None: no cap); got "
+                             f"{max_classifications_per_image}")
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         if geofence:
             country, admin1 = check_location(country, admin1, load_geofence(self.bundle.file("geofence")))
@@ -105,7 +113,9 @@ class Station:
         self.options = RunOptions(country=country, admin1_region=admin1, enable_geofence=geofence, device=device,
                                   threads=threads, detector_batch=detector_batch, classifier_batch=classifier_batch,
                                   decode_workers=decode_workers, precision=precision,
-                                  agreement_floor=agreement_floor, draft=draft, stages=self.config)
+                                  agreement_floor=agreement_floor, draft=draft, stages=self.config,
+                                  detection_threshold_for_classification=detection_threshold_for_classification,
+                                  max_classifications_per_image=max_classifications_per_image)
         self.centroids, self.event_pooling, self.burst_gap = centroids, event_pooling, burst_gap
         self.video_every, self.video_every_frames = video_every, video_every_frames
         self.privacy = check_privacy(privacy)
@@ -206,6 +216,7 @@ class Station:
         _clear_out(out)
         store = _open_store(out, self.bundle, card)
         try:
+            self._check_pass_one(store, out)
             store.set_meta("pass2", json.dumps(self.settings))
             store.set_meta("bundle_root", str(self.bundle.root.resolve()))
             store.set_meta("privacy", self.privacy)
@@ -215,6 +226,17 @@ class Station:
         except BaseException:
             store.close()
             raise
+
+    def _check_pass_one(self, store: Store, out: Path) -> None:
+        """Refuses to resume a card whose done photos chose their classified boxes differently; records ours."""
+        ours = {"detection_threshold_for_classification": self.options.detection_threshold_for_classification,
+                "max_classifications_per_image": self.options.max_classifications_per_image}
+        recorded = json.loads(store.get_meta("pass1") or "null")
+        if recorded is not None and recorded != ours and store.count():
+            said = ", ".join(f"{k} {v if v is not None else 'no cap'}" for k, v in recorded.items())
+            raise ValueError(f"{out}: {store.count()} photos were classified with {said}; resume with the same "
+                             "settings or give a new --out")
+        store.set_meta("pass1", json.dumps(ours))
 
     def pass_one(self, card: Union[str, Path], records: list[ImageRecord], store: Store, *,
                  resume: tuple[dict[str, int], list[float]] = ({}, []),

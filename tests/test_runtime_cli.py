@@ -162,3 +162,29 @@ def test_demo_runs_lean_offline(tmp_path: Path) -> None:
     assert sum(len(p["detections"]) for p in predictions) > 0
     manifest = json.loads((tmp_path / "demo" / "bundle" / "manifest.json").read_text())
     assert "UNTRAINED" in manifest["demo"]
+
+
+def test_classification_cap_from_the_flag_and_the_station_config(bundle: Path, photos, tmp_path: Path) -> None:
+    card = tmp_path / "card"
+    card.mkdir()
+    for photo in photos[:4]:
+        shutil.copy(photo, card / photo.name)
+    out = tmp_path / "out"
+    run_cli("run", str(card), "--bundle", str(bundle), "--out", str(out), "--device", "cpu", "--quiet",
+            "--no-report", "--max-classifications-per-image", "1", "--detection-threshold-for-classification", "0.3")
+    counts = []
+    for prediction in json.loads((out / "predictions.json").read_text())["predictions"]:
+        dets = prediction.get("detections", [])
+        counts.append((sum("raw_classifications" in d for d in dets), sum(d["conf"] >= 0.3 for d in dets)))
+    assert all(classified == min(1, eligible) for classified, eligible in counts)
+    assert any(eligible > 1 for _, eligible in counts)  # the cap had something to cut
+    config = tmp_path / "station.toml"
+    config.write_text("max_classifications_per_image = 2\n")
+    proc = run_cli("run", str(card), "--bundle", str(bundle), "--out", str(out), "--config", str(config),
+                   "--detection-threshold-for-classification", "0.3", "--quiet", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "max_classifications_per_image 1" in proc.stderr and str(out) in proc.stderr
+    config.write_text("max_classifications_per_image = 0\n")
+    proc = run_cli("run", str(card), "--bundle", str(bundle), "--out", str(tmp_path / "o2"), "--config",
+                   str(config), "--quiet", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "station.toml" in proc.stderr

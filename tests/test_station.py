@@ -90,3 +90,51 @@ def test_each_run_logs_to_its_own_folder_only(tmp_path: Path) -> None:
     assert "written during the first card" in first and "written during the second card" not in first
     assert "written during the second card" in second and "written during the first card" not in second
     assert "detector" in first and "detector" in second  # both runs logged their own set-up
+
+
+def test_select_for_classification_is_speciesnets_rule() -> None:
+    import numpy as np
+
+    utils = pytest.importorskip("speciesnet.utils")
+    from trapedge.runtime.speciesnet.classifier import select_for_classification
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        confs = rng.choice([0.05, 0.1, 0.3, 0.5, 0.9], size=int(rng.integers(0, 9)))  # ties on purpose
+        detections = [{"conf": float(c)} for c in confs]
+        for threshold in (0.0, 0.1, 0.4):
+            for most in (None, -1, 0, 1, 2, 5):
+                assert select_for_classification(detections, threshold, most) == \
+                    utils.select_detections_for_classification(detections, threshold, most)
+
+
+def test_max_classifications_per_image_caps_pass_one_and_a_resume_keeps_it(tmp_path: Path) -> None:
+    from trapedge.runtime import Station
+
+    bundle = build_demo_bundle(tmp_path / "bundle")
+    card = copy_samples(tmp_path / "card")
+    Station(bundle, device="cpu").run(card, tmp_path / "all", formats=("speciesnet",), reclassify=False)
+    Station(bundle, device="cpu", max_classifications_per_image=1).run(
+        card, tmp_path / "one", formats=("speciesnet",), reclassify=False)
+    every = json.loads((tmp_path / "all" / "predictions.json").read_text())["predictions"]
+    capped = json.loads((tmp_path / "one" / "predictions.json").read_text())["predictions"]
+    assert any(sum("raw_classifications" in d for d in p.get("detections", [])) > 1 for p in every)
+    for full, one in zip(every, capped):
+        dets = one.get("detections", [])
+        assert [d["bbox"] for d in dets] == [d["bbox"] for d in full.get("detections", [])]  # boxes unchanged
+        classified = [d for d in dets if "raw_classifications" in d]
+        eligible = [d for d in dets if d["conf"] >= 0.1]
+        assert len(classified) == min(1, len(eligible))
+        if classified:
+            assert classified[0]["conf"] == max(d["conf"] for d in eligible)
+            twin = next(d for d in full["detections"] if d["bbox"] == classified[0]["bbox"])
+            assert classified[0]["raw_classifications"] == twin["raw_classifications"]
+    with pytest.raises(ValueError) as refused:
+        Station(bundle, device="cpu", max_classifications_per_image=2).run(card, tmp_path / "one")
+    assert "\n" not in str(refused.value) and "max_classifications_per_image 1" in str(refused.value)
+    again = Station(bundle, device="cpu", max_classifications_per_image=1).run(card, tmp_path / "one")
+    assert again.processed == 0 and again.images == 10
+    with pytest.raises(ValueError, match="at least 1"):
+        Station(bundle, device="cpu", max_classifications_per_image=0)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        Station(bundle, device="cpu", detection_threshold_for_classification=1.5)

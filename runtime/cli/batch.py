@@ -55,6 +55,10 @@ def batch(
     threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime threads per worker.",
                                           rich_help_panel=SPEED),
     workers: int = typer.Option(2, min=1, help="Decode threads per worker.", rich_help_panel=SPEED),
+    detection_threshold_for_classification: float = typer.Option(
+        0.1, min=0.0, max=1.0, help="Classify boxes at or above this confidence.", rich_help_panel=SPEED),
+    max_classifications_per_image: Optional[int] = typer.Option(
+        None, min=1, help="Classify at most this many boxes per photo, the most confident.", rich_help_panel=SPEED),
     decision: Optional[Decision] = typer.Option(None, help="How coarse labels are refined (default calibrated).",
                                                 rich_help_panel=STAGES),
     target_precision: Optional[float] = typer.Option(None, min=0.5, max=0.999, help="Calibrated levels' bound.",
@@ -73,6 +77,8 @@ def batch(
     settings = {"bundle": str(loaded.root.resolve()), "device": value(s["device"]),
                 "precision": value(s["precision"]), "threads": s["threads"], "decode_workers": s["workers"],
                 "geofence": s["geofence"], "privacy": value(s["privacy"]),
+                "detection_threshold_for_classification": s["detection_threshold_for_classification"],
+                "max_classifications_per_image": s["max_classifications_per_image"],
                 "stages": _stages(None, decision=s.get("decision"), target_precision=s.get("target_precision"))}
     stations: dict[tuple, Station] = {}
 

@@ -77,6 +77,12 @@ def run(
     classifier_batch: int = typer.Option(8, min=1, help="Crops per classifier call.", rich_help_panel=SPEED),
     draft: bool = typer.Option(False, help="Decode large JPEGs at reduced size for the detector (faster; boxes "
                                            "differ slightly from SpeciesNet's).", rich_help_panel=SPEED),
+    detection_threshold_for_classification: float = typer.Option(
+        0.1, min=0.0, max=1.0, help="Classify boxes at or above this confidence (SpeciesNet's default).",
+        rich_help_panel=SPEED),
+    max_classifications_per_image: Optional[int] = typer.Option(
+        None, min=1, help="Classify at most this many boxes per photo, the most confident (default: all; as "
+                          "SpeciesNet's flag). Pass 2 sees only the boxes classified.", rich_help_panel=SPEED),
     reclassify_: bool = typer.Option(True, "--reclassify/--no-reclassify",
                                      help="Run pass 2, the five re-classification stages.", rich_help_panel=STAGES),
     decision: Optional[Decision] = typer.Option(None, help="How coarse labels are refined (default calibrated).",
@@ -116,7 +122,9 @@ def run(
         stages=_stages(stages_config, scoring=scoring, tau_accept=tau_accept, lam=lam, margin=margin, n_min=n_min,
                        decision=s["decision"], target_precision=s["target_precision"]),
         centroids=value(s["centroids"]), event_pooling=event_pooling, burst_gap=s["burst_gap"],
-        video_every=s["video_every"], video_every_frames=s["video_every_frames"], privacy=value(s["privacy"]))
+        video_every=s["video_every"], video_every_frames=s["video_every_frames"], privacy=value(s["privacy"]),
+        detection_threshold_for_classification=s["detection_threshold_for_classification"],
+        max_classifications_per_image=s["max_classifications_per_image"])
     progress = Progress(TextColumn("[bold]images"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                         TimeRemainingColumn(), console=console, disable=quiet)
     task = progress.add_task("run", total=None, rate="", start=False)

@@ -58,6 +58,7 @@ STATION_KEYS = (
     "bundle", "country", "admin1", "geofence", "timezone", "lat", "lon", "deployment_id",
     "device", "precision", "threads", "workers", "detector_batch", "classifier_batch", "draft", "agreement_floor",
     "decision", "target_precision", "centroids", "burst_gap", "privacy",
+    "detection_threshold_for_classification", "max_classifications_per_image",
 )
 
 CONFIG_HELP = "Station config (TOML): defaults for bundle, location, deployment and speed options; flags win."

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = [
+    "select_for_classification",
     "CROP_SIZE",
     "crop_box",
     "crop_region",
@@ -114,3 +115,13 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(-vals, axis=-1, kind="stable")
     idx = np.take_along_axis(part, order, axis=-1)
     return idx, np.take_along_axis(scores, idx, axis=-1)
+
+
+def select_for_classification(detections: Sequence[dict], threshold: float,
+                              most: Optional[int] = None) -> list[int]:
+    """Indices of the detections SpeciesNet classifies: confidence >= threshold, the `most` most confident when
+    capped (None or negative: no cap), in increasing order (its `--max_classifications_per_image`)."""
+    chosen = [i for i, det in enumerate(detections) if det["conf"] >= threshold]
+    if most is not None and most >= 0:
+        chosen = sorted(sorted(chosen, key=lambda i: detections[i]["conf"], reverse=True)[:most])
+    return chosen
