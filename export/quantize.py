@@ -69,8 +69,8 @@ DEFAULT_FLOOR = 0.99
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_METHOD = "entropy"
 ACTIVATIONS = ("int8", "uint8")
-# Quantised op types: the convolutions and matrix products carry the arithmetic; everything between them
-# stays float (ORT CPU and TensorRT both fuse DequantizeLinear -> Conv -> QuantizeLinear).
+# Quantised op types of the int8 (TensorRT) files: the convolutions and matrix products carry the arithmetic;
+# everything between them stays float (ORT CPU and TensorRT both fuse DequantizeLinear -> Conv -> QuantizeLinear).
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 # uint8 activations are onnxruntime's x86 CPU format, whose kernels also run the activations between the
 # convolutions in uint8 (QLinearSigmoid and QLinearMul for SiLU and squeeze-excite gates, QLinearAdd for residuals,
