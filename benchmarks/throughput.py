@@ -4,9 +4,9 @@ Real-size architectures with random weights (YOLOv5x6 MegaDetector, EfficientNet
 built in SpeciesNet's on-disk formats by trapedge.export.random_models and exported with `trapedge export speciesnet`.
 Timed: pass 1 with the models loaded (`pipeline.Runner`, like for like with `predict`), and the whole
 `trapedge run` process (start-up, model loading, pass 1, pass 2, every output and the report), the issue's
-end-to-end measure, in fp32 and, with --int8, in int8 (a copy of the bundle given `trapedge quantize --precision
-int8 --activations uint8 --agreement-floor 0`, run with `--agreement-floor 0` because random weights cannot meet
-the floors: the speed is real, the answers are not judged).
+end-to-end measure, in fp32 and, with --int8, in int8 (a copy of the bundle quantised as `trapedge quantize
+--precision int8 --activations uint8` does but with no floors recorded, run with `--agreement-floor 0`: random
+weights cannot meet the floors, so the speed is real and the answers are not judged).
 
 The floor: both pipelines classify every box with confidence >= 0.1 (SpeciesNet 5.x's default), so their model
 work is counted in FLOPs from the ONNX graphs at the shapes fed, and divided by this CPU's float32 sgemm peak;
@@ -75,6 +75,13 @@ def _sgemm_peak() -> float:
                                 text=True).stdout.split()[-1])
 
 
+def _run_process(card: Path, bundle: Path, out: Path, flags: list[str], **kwargs) -> None:
+    """The whole `trapedge run` command as a user runs it, into a fresh output folder."""
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "trapedge.runtime.cli", "run", str(card), "--bundle", str(bundle),
+                    "--out", str(out), "--device", "cpu", "--quiet", *flags], check=True, **kwargs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=10)
@@ -130,11 +137,9 @@ def main() -> None:
     shutil.rmtree(one, ignore_errors=True)
     one.mkdir()
     shutil.copy(files[0], one / files[0].name)
+    bundles = {"fp32": bundle_dir, "int8": int8_dir}
     for route, flags in routes.items():  # warm-up outside the timing, as SpeciesNet's: bundle files in page cache
-        shutil.rmtree(out_dir, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "trapedge.runtime.cli", "run", str(one), "--bundle",
-                        str(int8_dir if route == "int8" else bundle_dir), "--out", str(out_dir), "--device", "cpu",
-                        "--quiet", *flags], check=True, capture_output=True)
+        _run_process(one, bundles[route], out_dir, flags, capture_output=True)
     for _ in range(args.repeats):
         t = time.perf_counter()
         try:
@@ -147,11 +152,8 @@ def main() -> None:
             sn_error, sn_detections = str(e), None
         sn_times.append(time.perf_counter() - t)
         for route, flags in routes.items():
-            shutil.rmtree(out_dir, ignore_errors=True)
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "trapedge.runtime.cli", "run", str(dump), "--bundle",
-                            str(int8_dir if route == "int8" else bundle_dir), "--out", str(out_dir), "--device",
-                            "cpu", "--quiet", *flags], check=True)
+            _run_process(dump, bundles[route], out_dir, flags)
             process_times[route].append(time.perf_counter() - t)
     sn_seconds = statistics.median(sn_times)
     process_seconds = {route: statistics.median(times) for route, times in process_times.items()}
@@ -266,6 +268,7 @@ def main() -> None:
                       f"{calls['detections']} / {calls['classified']} / {calls['degraded_views']}"))
     md = machine.write("throughput", result, table)
     print(md.read_text())
+
 
 if __name__ == "__main__":
     main()

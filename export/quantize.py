@@ -74,7 +74,8 @@ ACTIVATIONS = ("int8", "uint8")
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 # uint8 activations are onnxruntime's x86 CPU format, whose kernels also run the activations between the
 # convolutions in uint8 (QLinearSigmoid and QLinearMul for SiLU and squeeze-excite gates, QLinearAdd for residuals,
-# QLinearGlobalAveragePool): the real-size classifier drops from 222 to 109 ms per crop (fp32 320). Tried first;
+# QLinearGlobalAveragePool): the real-size classifier takes 105 ms per crop against 289 in fp32 (benchmarks/results/
+# throughput.md; convolutions alone about 1.5x faster than fp32, int8.md). Tried first;
 # where that misses the agreement floor the convolutions alone are quantised. TensorRT's (int8) files keep Q/DQ
 # at the weighted layers only: TensorRT fuses the elementwise layers itself.
 CPU_OP_TYPES = QUANTIZED_OP_TYPES + ("Sigmoid", "Mul", "Add", "GlobalAveragePool")

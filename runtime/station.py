@@ -231,10 +231,14 @@ class Station:
         """Refuses to resume a card whose done photos chose their classified boxes differently; records ours."""
         ours = {"detection_threshold_for_classification": self.options.detection_threshold_for_classification,
                 "max_classifications_per_image": self.options.max_classifications_per_image}
+        done = store.count()
         recorded = json.loads(store.get_meta("pass1") or "null")
-        if recorded is not None and recorded != ours and store.count():
+        if recorded is None and done:  # a store from before these settings were recorded used SpeciesNet's
+            recorded = {"detection_threshold_for_classification": DEFAULT_DETECTION_THRESHOLD_FOR_CLASSIFICATION,
+                        "max_classifications_per_image": None}
+        if recorded is not None and recorded != ours and done:
             said = ", ".join(f"{k} {v if v is not None else 'no cap'}" for k, v in recorded.items())
-            raise ValueError(f"{out}: {store.count()} photos were classified with {said}; resume with the same "
+            raise ValueError(f"{out}: {done} photos were classified with {said}; resume with the same "
                              "settings or give a new --out")
         store.set_meta("pass1", json.dumps(ours))
 

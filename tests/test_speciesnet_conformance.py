@@ -1,4 +1,5 @@
-"""SpeciesNet's own pure-logic tests, run unchanged against the port with only their imports rewritten."""
+"""SpeciesNet's own pure-logic tests, run unchanged against the port with only their imports rewritten, and
+the port's choice of boxes to classify against SpeciesNet's own function."""
 
 from __future__ import annotations
 
@@ -51,3 +52,20 @@ def test_speciesnet_test_file_passes_against_port(name: str, tmp_path: Path) -> 
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert f"{EXPECTED[name]} passed" in proc.stdout, proc.stdout[-1000:]
+
+
+def test_select_for_classification_is_speciesnets_rule() -> None:
+    import numpy as np
+
+    utils = pytest.importorskip("speciesnet.utils")
+    from trapedge.runtime.speciesnet.classifier import select_for_classification
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        confs = rng.choice([0.05, 0.1, 0.3, 0.5, 0.9], size=int(rng.integers(0, 9)))  # ties on purpose
+        detections = [{"conf": float(c)} for c in confs]
+        for threshold in (0.0, 0.1, 0.4):
+            for most in (None, -1, 0, 1, 2, 5):
+                assert select_for_classification(detections, threshold, most) == \
+                    utils.select_detections_for_classification(detections, threshold, most)
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -92,22 +93,6 @@ def test_each_run_logs_to_its_own_folder_only(tmp_path: Path) -> None:
     assert "detector" in first and "detector" in second  # both runs logged their own set-up
 
 
-def test_select_for_classification_is_speciesnets_rule() -> None:
-    import numpy as np
-
-    utils = pytest.importorskip("speciesnet.utils")
-    from trapedge.runtime.speciesnet.classifier import select_for_classification
-
-    rng = np.random.default_rng(0)
-    for _ in range(300):
-        confs = rng.choice([0.05, 0.1, 0.3, 0.5, 0.9], size=int(rng.integers(0, 9)))  # ties on purpose
-        detections = [{"conf": float(c)} for c in confs]
-        for threshold in (0.0, 0.1, 0.4):
-            for most in (None, -1, 0, 1, 2, 5):
-                assert select_for_classification(detections, threshold, most) == \
-                    utils.select_detections_for_classification(detections, threshold, most)
-
-
 def test_max_classifications_per_image_caps_pass_one_and_a_resume_keeps_it(tmp_path: Path) -> None:
     from trapedge.runtime import Station
 
@@ -134,6 +119,12 @@ def test_max_classifications_per_image_caps_pass_one_and_a_resume_keeps_it(tmp_p
     assert "\n" not in str(refused.value) and "max_classifications_per_image 1" in str(refused.value)
     again = Station(bundle, device="cpu", max_classifications_per_image=1).run(card, tmp_path / "one")
     assert again.processed == 0 and again.images == 10
+    store = sqlite3.connect(tmp_path / "all" / "results.sqlite")  # as a store written before the setting was kept
+    with store:
+        store.execute("DELETE FROM meta WHERE key = 'pass1'")
+    store.close()
+    with pytest.raises(ValueError, match="max_classifications_per_image no cap"):
+        Station(bundle, device="cpu", max_classifications_per_image=1).run(card, tmp_path / "all")
     with pytest.raises(ValueError, match="at least 1"):
         Station(bundle, device="cpu", max_classifications_per_image=0)
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):

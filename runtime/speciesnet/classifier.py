@@ -11,12 +11,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = [
-    "select_for_classification",
     "CROP_SIZE",
     "crop_box",
     "crop_region",
     "preprocess_crop",
     "resize_bilinear",
+    "select_for_classification",
     "softmax",
     "top_k",
 ]
